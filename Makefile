@@ -1,0 +1,32 @@
+# Set-up and everyday targets. `make demo` and `make test` are the only set-up a fresh machine needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.gcinfer-installed
+CACHE ?= .cache
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: install demo test bench fixtures container-test clean
+
+install: $(STAMP)
+
+$(STAMP): shared/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
+	$(PIP) install --quiet --disable-pip-version-check -e "shared[test]"
+	touch $(STAMP)
+
+fixtures: install
+	$(VENV)/bin/gcinfer make-fixtures $(CACHE)/fixtures --seed 0
+
+demo: fixtures
+	$(PY) -m gcinfer.demo --fixtures $(CACHE)/fixtures --output demo_output
+
+test: install
+	$(VENV)/bin/pytest -q tests
+
+bench: fixtures
+	$(PY) benchmarks/run_all.py --fixtures $(CACHE)/fixtures
+
+clean:
+	rm -rf $(CACHE) demo_output dist

@@ -1,0 +1,43 @@
+"""Device handling in one place: choosing the device and reading peak memory."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The torch device for ``name``; None or ``"auto"`` means cuda when available, else cpu.
+
+    Raises:
+        ValueError: a cuda device is asked for but CUDA is not available.
+    """
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available here (use --device cpu)")
+    return device
+
+
+def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
+    """fp16 autocast on CUDA (as the reference submissions ran), none elsewhere."""
+    return torch.float16 if device.type == "cuda" else None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    """Peak memory allocated by torch on a CUDA ``device`` since the last reset, else None."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device)
+
+
+def reset_peak_device_bytes(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
