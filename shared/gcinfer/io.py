@@ -7,7 +7,10 @@ Arrays are numpy in SimpleITK's (z, y, x) order. :class:`Geometry` holds the phy
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import re
+import zlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +81,25 @@ def case_name(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix else path.stem
 
 
+def _reader_cause(error: RuntimeError) -> str:
+    """The useful part of an ITK reader exception: its 'ITK ERROR' line without the object address."""
+    text = str(error).strip()
+    match = re.search(r"ITK ERROR: \w+\(0x[0-9a-f]+\): (.*)", text)
+    if match:
+        return match.group(1).strip()
+    return text.splitlines()[-1] if text else "unknown reader error"
+
+
+def _check_gzip_complete(path: Path) -> None:
+    """Decompress a ``.gz`` file fully: ITK reads a truncated gzip stream without complaint."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as error:
+        raise InputError(f"{path}: cannot read image (corrupt or truncated gzip data: {error})") from None
+
+
 def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
     """Read a 3D scalar image and validate it.
 
@@ -92,12 +114,13 @@ def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    if path.name.lower().endswith(".gz"):
+        _check_gzip_complete(path)
     try:
         image = sitk.ReadImage(str(path))
         array = sitk.GetArrayFromImage(image)
     except RuntimeError as error:
-        cause = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reader error"
-        raise InputError(f"{path}: cannot read image ({cause})") from None
+        raise InputError(f"{path}: cannot read image ({_reader_cause(error)})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"{path}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components per voxel"
@@ -153,5 +176,5 @@ def write_label_map(path: Path | str, labels: np.ndarray, geometry: Geometry) ->
         try:
             sitk.WriteImage(image, str(tmp), useCompression=True)
         except RuntimeError as error:
-            raise InputError(f"{path}: cannot write output ({str(error).strip().splitlines()[-1]})") from None
+            raise InputError(f"{path}: cannot write output ({_reader_cause(error)})") from None
     return path
