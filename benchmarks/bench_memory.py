@@ -1,0 +1,318 @@
+"""Benchmark: full-size cases within Grand Challenge's memory, and the memory planner's estimates.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_memory.py [--cases amos autopet] [--work DIR]
+
+One synthetic full-size case per pipeline runs through the pipeline's own ``predict_case`` on the CPU, with cheap
+stand-in networks of the real input/output channels (1x1x1 convolutions), each case in a fresh subprocess whose peak
+RSS (``VmHWM``) is measured and asserted under 15 GiB (Grand Challenge's 16 GiB minus 1 GiB for the system):
+
+- amos: a 512 x 512 x 600 int16 CT at 0.78 x 0.78 x 1.25 mm through the three AMOS task 1 configurations (their
+  preprocessor classes and target spacings; patch sizes as nnU-Net v1's residual planner gives them for AMOS's
+  median case, 160^3 and 80 x 192 x 192), 16 classes, one fold each, with the organ-wise post-processing;
+- autopet: a 400 x 400 x 700 float32 PET at the target spacing (2.04 x 2.04 x 3 mm) and a 512 x 512 x 700 int16
+  CT, two folds, the container's window (128^3), tile batch 8 and majority vote.
+
+Memory does not depend on the number of tiles, so the step (AMOS 1.0, no mirroring) and overlap (AutoPET 0.5) are
+coarser than the containers' to keep the run within minutes; everything else is the containers' configuration.
+
+The table also prints the planner's device estimate for a T4 (:data:`gcinfer.memory.T4_FREE_BYTES`) with the real
+architectures (AMOS: FabiansUNet of those plans, 5 folds per configuration; AutoPET: the container's DynUNet), in
+fp16 (autocast and accumulators) and fp32, all on the device with the configured tile batch, the plan the planner
+picks for a T4 with 15 GiB of RAM, and the planner's host estimate for the CPU run next to the measured peak.
+Prints markdown; exits 1 when a case's peak RSS reaches 15 GiB or a case fails. The pipelines take their network
+costs once the planner is integrated (``amos.Pipeline.network_costs``, ``autopet.predict_case(network_cost=...)``);
+the benchmark passes them when they do, and then reports the plan the pipeline logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from gcinfer import memory
+from gcinfer.io import Geometry, read_image
+from gcinfer.layout import Case
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+LIMIT_BYTES = 15 * memory.GIB
+AMOS_SHAPE, AMOS_SPACING = (600, 512, 512), (1.25, 0.78, 0.78)  # (z, y, x)
+AMOS_CONFIGURATIONS = (  # (preprocessor class, target spacing, patch size, pool kernels after the first)
+    ("Preprocessor3DBetterResampling", (1.5, 1.0, 1.0), (160, 160, 160), ((2, 2, 2),) * 5),
+    ("Preprocessor3DBetterResampling", (2.0, 0.68825001, 0.68825001), (80, 192, 192), ((1, 2, 2),) + ((2, 2, 2),) * 4),
+    ("GenericPreprocessor", (1.5, 1.0, 1.0), (160, 160, 160), ((2, 2, 2),) * 5),
+)
+AMOS_FOLDS, AMOS_CLASSES = 5, 16
+AUTOPET_PET, AUTOPET_CT = (400, 400, 700), (512, 512, 700)  # (x, y, z)
+CASES = ("amos", "autopet")
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def write_image(path: Path, array: np.ndarray, spacing_xyz: tuple[float, ...]) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing_xyz)
+    sitk.WriteImage(image, str(path))
+
+
+def make_inputs(work: Path) -> None:
+    """The synthetic inputs (written once): an abdomen-like CT, a PET with hot spots and its CT."""
+    amos = work / "amos" / "in" / "amos_full.mha"
+    if not amos.is_file():
+        amos.parent.mkdir(parents=True, exist_ok=True)
+        z, y, x = np.ogrid[: AMOS_SHAPE[0], : AMOS_SHAPE[1], : AMOS_SHAPE[2]]
+        body = ((y - 256) / 200.0) ** 2 + ((x - 256) / 230.0) ** 2 < 1
+        ct = np.where(body, np.int16(40) + (z % 50).astype(np.int16), np.int16(-1000)).astype(np.int16)
+        write_image(amos, ct, AMOS_SPACING[::-1])
+    pet_dir, ct_dir = work / "autopet" / "in" / "images" / "pet", work / "autopet" / "in" / "images" / "ct"
+    if not (pet_dir / "case.mha").is_file():
+        pet_dir.mkdir(parents=True, exist_ok=True)
+        ct_dir.mkdir(parents=True, exist_ok=True)
+        z, y, x = np.ogrid[: AUTOPET_PET[2], : AUTOPET_PET[1], : AUTOPET_PET[0]]
+        pet = (((y - 200) / 150.0) ** 2 + ((x - 200) / 170.0) ** 2 < 1).astype(np.float32) * (1.0 + (z % 64) / 16.0)
+        write_image(pet_dir / "case.mha", pet.astype(np.float32), (2.03642011, 2.03642011, 3.0))
+        ct = np.full(AUTOPET_CT[::-1], -1000, np.int16)
+        write_image(ct_dir / "case.mha", ct, (1.5234375, 1.5234375, 3.0))
+
+
+# --- networks: stand-ins for the CPU run, real architectures for the T4 estimates -----------------------------------
+
+
+def stand_in(in_channels: int, classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Conv3d(in_channels, classes, 1).eval()
+
+
+def amos_architecture(pools: tuple) -> nn.Module:
+    """nnU-Net v1's FabiansUNet as the AMOS residual plans build it (32 base features, 16 classes)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from nnunet.network_architecture.generic_modular_residual_UNet import FabiansUNet, get_default_network_config
+    props = get_default_network_config(3, None, norm_type="in")
+    return FabiansUNet(
+        1, 32, (1, 2, 3, 4, 4, 4), 2, [(1, 1, 1), *pools], [(3, 3, 3)] * 6, props, AMOS_CLASSES, (1, 1, 1, 1, 1),
+        deep_supervision=False, max_features=320,
+    )  # fmt: skip
+
+
+def autopet_settings(overlap: float | None = None):
+    from gcinfer.autopet import load_settings
+
+    config = json.loads((REPOSITORY / "docker" / "autopet2" / "config.json").read_text())
+    if overlap is not None:
+        config["overlap"] = overlap
+    with tempfile.TemporaryDirectory() as empty:
+        return load_settings(config, Path(empty))
+
+
+# --- AMOS -------------------------------------------------------------------------------------------------------------
+
+
+def amos_configurations(networks: list[nn.Module]) -> list:
+    """nnunet_v1.Configuration objects of the three task 1 plans around the given networks (one per configuration)."""
+    from nnunet.preprocessing import preprocessing
+
+    from gcinfer import nnunet_v1
+
+    intensities = {0: {"mean": 80.0, "sd": 120.0, "percentile_00_5": -1000.0, "percentile_99_5": 1500.0}}
+    configurations = []
+    for network, (name, target, patch, _) in zip(networks, AMOS_CONFIGURATIONS):
+        preprocessor = getattr(preprocessing, name)({0: "CT"}, {0: False}, [0, 1, 2], intensities)
+        configurations.append(nnunet_v1.Configuration(
+            name, REPOSITORY, (0,), [network], 1, patch, AMOS_CLASSES, (0, 1, 2), (0, 1, 2), (0, 1, 2), preprocessor,
+            np.array(target),
+        ))  # fmt: skip
+    return configurations
+
+
+def amos_t4(variant: torch.dtype | None) -> memory.AmosCase:
+    """The full-size AMOS case with the real architectures, computing in ``variant`` (None: fp32)."""
+    networks = [amos_architecture(pools) for *_, pools in AMOS_CONFIGURATIONS]
+    configurations = amos_configurations(networks)
+    costs = [memory.network_cost(n, (1, *c.patch_size), variant) for n, c in zip(networks, configurations)]
+    case = memory.AmosCase.of(AMOS_SHAPE, 2, AMOS_SPACING, configurations, costs, torch.device("cuda"))
+    folds = tuple(dataclasses.replace(c, folds=AMOS_FOLDS) for c in case.configurations)
+    return dataclasses.replace(case, configurations=folds)
+
+
+def run_amos(work: Path) -> dict:
+    from gcinfer import amos
+    from gcinfer.layout import Sockets
+    from gcinfer.runner import StageLog
+
+    config = json.loads((REPOSITORY / "docker" / "amos_task1" / "config.json").read_text())
+    configurations = amos_configurations([stand_in(1, AMOS_CLASSES) for _ in AMOS_CONFIGURATIONS])
+    settings = amos.Settings(Sockets(("ct-image",), "seg"), tuple(c.name for c in configurations), (0,),
+                             "model_final_checkpoint", 1.0, (), int(config["tile_batch_size"]), config["postprocessing"])  # fmt: skip
+    cpu = torch.device("cpu")
+    costs = memory.amos_network_costs(configurations, cpu)
+    integrated = "network_costs" in inspect.signature(amos.Pipeline).parameters
+    pipeline = amos.Pipeline(configurations, settings, cpu, *([tuple(costs)] if integrated else []))
+    source = work / "amos" / "in" / "amos_full.mha"
+    case = Case("amos_full", {"ct-image": source}, work / "amos" / "out" / "amos_full.mha")
+    estimate = memory.AmosCase.of(AMOS_SHAPE, 2, AMOS_SPACING, configurations, costs, cpu)
+    plan = cpu_plan(lambda budget: memory.plan_amos(case.name, estimate, settings.tile_batch_size, budget, cpu))
+    start = time.perf_counter()
+    amos.predict_case(case, pipeline, StageLog(case.name, cpu))
+    return {"seconds": time.perf_counter() - start, **plan, **check_output(case.output, source)}
+
+
+# --- AutoPET ----------------------------------------------------------------------------------------------------------
+
+
+def autopet_case(geometry: Geometry, settings, variant: torch.dtype | None, network: nn.Module) -> memory.AutopetCase:
+    cost = memory.network_cost(network, (1, *settings.window), variant)
+    classes = int(settings.network["out_channels"])
+    return memory.AutopetCase.of(geometry, 4, settings.target_spacing, settings.window, classes, 2, True, cost)
+
+
+def autopet_geometry() -> Geometry:
+    return Geometry(AUTOPET_PET, (2.03642011, 2.03642011, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def autopet_t4(variant: torch.dtype | None) -> memory.AutopetCase:
+    from gcinfer.autopet import build_network
+
+    settings = autopet_settings()
+    return autopet_case(autopet_geometry(), settings, variant, build_network(settings))
+
+
+def run_autopet(work: Path) -> dict:
+    from gcinfer import autopet
+    from gcinfer.runner import StageLog
+
+    settings = autopet_settings(overlap=0.5)
+    classes = int(settings.network["out_channels"])
+    networks = [stand_in(1, classes), stand_in(1, classes)]
+    inputs = {s: work / "autopet" / "in" / "images" / s / "case.mha" for s in ("pet", "ct")}
+    case = Case("case", inputs, work / "autopet" / "out" / "case.mha")
+    cpu = torch.device("cpu")
+    estimate = autopet_case(autopet_geometry(), settings, None, networks[0])
+    plan = cpu_plan(lambda budget: memory.plan_autopet(case.name, estimate, settings.tile_batch_size, budget, cpu))
+    integrated = "network_cost" in inspect.signature(autopet.predict_case).parameters
+    extra = {"network_cost": estimate.network} if integrated else {}
+    start = time.perf_counter()
+    autopet.predict_case(case, StageLog(case.name, cpu), model_socket="pet", networks=networks, settings=settings,
+                         device=cpu, **extra)  # fmt: skip
+    return {"seconds": time.perf_counter() - start, **plan, **check_output(case.output, inputs["pet"])}
+
+
+# --- measuring ----------------------------------------------------------------------------------------------------------
+
+
+def cpu_plan(plan_for) -> dict:
+    """The planner's plan for this CPU run under a 15 GiB limit (what the container would have)."""
+    budget = memory.Budget.detect(torch.device("cpu"), host_bytes=LIMIT_BYTES - status_bytes("VmRSS"))
+    try:
+        plan = plan_for(budget)
+    except memory.MemoryPlanError as error:
+        return {"cpu_plan": f"refused: {error}", "cpu_estimate": None}
+    return {"cpu_plan": plan.choice.describe("cpu"), "cpu_estimate": plan.estimate.host + status_bytes("VmRSS")}
+
+
+def check_output(output: Path, source: Path) -> dict:
+    """The label map exists, is uint8 and has the input's grid."""
+    labels, geometry = read_image(output)
+    _, expected = read_image(source)
+    return {"output_ok": labels.dtype == np.uint8 and geometry == expected}
+
+
+def child(name: str, work: Path) -> None:
+    """Run one case in this (fresh) process; print a JSON line with the measurements."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    result = {"amos": run_amos, "autopet": run_autopet}[name](work)
+    result["peak_rss"] = status_bytes("VmHWM")
+    print(json.dumps(result, default=str))
+
+
+def measure(name: str, work: Path) -> dict:
+    command = [sys.executable, __file__, "--child", name, "--work", str(work)]
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    plan_lines = [line for line in completed.stderr.splitlines() if "memory plan" in line]
+    if completed.returncode != 0:
+        return {"error": completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else "failed"}
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["pipeline_plan"] = plan_lines[-1].split("memory plan: ")[-1].split(" |")[0] if plan_lines else None
+    return result
+
+
+def t4_estimates(name: str) -> dict:
+    """The planner's T4 device estimates (fp16 and fp32, all on the device, configured batch) and its T4 plan."""
+    build = {"amos": amos_t4, "autopet": autopet_t4}[name]
+    cuda = torch.device("cuda")
+    budget = memory.Budget.detect(cuda, device_bytes=memory.T4_FREE_BYTES, host_bytes=LIMIT_BYTES - 2 * memory.GIB)
+    row = {}
+    for label, dtype in (("fp16", torch.float16), ("fp32", None)):
+        case = build(dtype)
+        phases_of, batch = (
+            (memory.amos_phases, 2) if name == "amos" else (memory.autopet_phases, autopet_settings().tile_batch_size)
+        )
+        accumulators = dtype or torch.float32
+        choice = memory.Choice(accumulators, True, True, batch)
+        row[label] = memory.estimate(phases_of(case, choice), shared=False).device
+        if label == "fp16":
+            planner = memory.plan_amos if name == "amos" else memory.plan_autopet
+            try:
+                row["plan"] = planner(name, case, batch, budget, cuda).choice.describe("cuda")
+            except memory.MemoryPlanError as error:
+                row["plan"] = f"refused: {error}"
+    return row
+
+
+def gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / memory.GIB:.1f} GiB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--work", type=Path, default=REPOSITORY / ".cache" / "bench_memory")
+    parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.work)
+        return 0
+    make_inputs(args.work)
+    shapes = {"amos": "CT 512x512x600 (x,y,z)", "autopet": "PET 400x400x700, CT 512x512x700"}
+    classes = {"amos": AMOS_CLASSES, "autopet": 2}
+    print("| case | shape | classes | planner's plan on a T4 | T4 estimate fp16 | T4 estimate fp32 | CPU run: plan "
+          "| CPU estimate | peak RSS (measured) | wall time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    failed = False
+    for name in args.cases:
+        t4, run = t4_estimates(name), measure(name, args.work)
+        if "error" in run:
+            failed = True
+            print(f"| {name} | {shapes[name]} | {classes[name]} | {t4['plan']} | {gib(t4['fp16'])} | {gib(t4['fp32'])} "
+                  f"| FAILED: {run['error']} | | | |")
+            continue
+        ok = run["peak_rss"] < LIMIT_BYTES and run["output_ok"]
+        failed |= not ok
+        used = run["pipeline_plan"] or f"(pipeline without planner; planner: {run['cpu_plan']})"
+        print(f"| {name} | {shapes[name]} | {classes[name]} | {t4['plan']} | {gib(t4['fp16'])} | {gib(t4['fp32'])} "
+              f"| {used} | {gib(run['cpu_estimate'])} | {gib(run['peak_rss'])}{'' if ok else ' **OVER 15 GiB**'} "
+              f"| {run['seconds']:.0f} s |")
+    print(f"\nT4 budget: {gib(memory.T4_FREE_BYTES)} free minus {memory.DEVICE_MARGIN:.0%} margin; "
+          f"peak RSS limit {gib(LIMIT_BYTES)}.")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# `make container-test`: build the three images from their Dockerfiles, run them with Grand Challenge's flags,
+# export them, and check that every archive loads. Works on a Docker host and on a host without one (Debian:
+# podman, set up by containers/setup-podman.sh, with a CPU stand-in for the base image, which cannot be pulled).
+#
+# Usage: containers/container-test.sh [--fixtures DIR]     (the fixtures are made by `make fixtures`)
+# Prints the time of every phase. Environment: GCINFER_PODMAN_DIR (podman's state, see setup-podman.sh).
+set -euo pipefail
+# shellcheck source=containers/common.sh
+source "$(dirname "$0")/common.sh"
+
+FIXTURES=${GCINFER_FIXTURES:-$ROOT/.cache/fixtures}
+TIMES=()
+STAND_IN=0
+
+phase() {
+    local title=$1 start=$SECONDS
+    shift
+    log "== $title"
+    "$@"
+    TIMES+=("$(printf '%-34s %5ss' "$title" "$((SECONDS - start))")")
+}
+
+setup_engine() {
+    local environment
+    environment=$("$ROOT/containers/setup-podman.sh")
+    eval "$environment"
+    [[ $environment == *CONTAINERS_CONF* ]] && STAND_IN=1
+    # a TLS-re-signing proxy: pip in the build trusts the host's CA bundle (./build.sh passes it as a secret)
+    if [[ -z ${PIP_CERT:-} && -s /etc/ssl/certs/ca-certificates.crt ]]; then
+        export PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+    fi
+}
+
+# every dist/<tag>.tar.gz loads and yields the image that was built; every model tarball lists its files
+check_archives() {
+    local name tag built loaded
+    for name in "${NAMES[@]}"; do
+        tag=$(tag_of "$name")
+        built=$(docker image inspect --format '{{.Id}}' "$tag")
+        gunzip -c "$ROOT/dist/$tag.tar.gz" | docker load >"$ROOT/dist/.load.log" 2>&1 \
+            || { cat "$ROOT/dist/.load.log" >&2; die "dist/$tag.tar.gz does not load"; }
+        loaded=$(docker image inspect --format '{{.Id}}' "$tag")
+        [[ $loaded == "$built" ]] || die "dist/$tag.tar.gz loads as $loaded, not the built image $built"
+        tar -tzf "$ROOT/dist/$name-model.tar.gz" | grep -q . || die "dist/$name-model.tar.gz is empty"
+        log "dist/$tag.tar.gz loads as $tag (${built:0:12}); dist/$name-model.tar.gz lists $(tar -tzf \
+            "$ROOT/dist/$name-model.tar.gz" | grep -vc '/$') file(s)"
+    done
+    rm -f "$ROOT/dist/.load.log"
+}
+
+main() {
+    [[ ${1:-} == --fixtures ]] && FIXTURES=${2:?--fixtures needs a folder}
+    [[ -d $FIXTURES ]] || die "$FIXTURES: no fixtures (run: make fixtures)"
+    FIXTURES=$(cd "$FIXTURES" && pwd)
+    export GCINFER_FIXTURES=$FIXTURES
+    local start=$SECONDS
+    phase "engine set-up" setup_engine
+    # podman here means no Docker engine and, on these machines, no registry: a CPU stand-in for the base image;
+    # a Docker host pulls the real base image in the build
+    [[ $STAND_IN -eq 0 ]] || phase "stand-in base image" "$ROOT/containers/make-base-image.sh"
+    phase "./build.sh" "$ROOT/build.sh"
+    phase "./test.sh --no-build" "$ROOT/test.sh" --no-build --fixtures "$FIXTURES"
+    phase "./export.sh --no-build" "$ROOT/export.sh" --no-build --models "$FIXTURES"
+    phase "archives load" check_archives
+    docker image prune --force >/dev/null
+    printf '\n%s\n' "${TIMES[@]}"
+    printf '%-34s %5ss\n' "container-test total" "$((SECONDS - start))"
+    df -h "${GCINFER_PODMAN_DIR:-/var/tmp/gcinfer-podman}" "$ROOT" | sed 's/^/  /'
+}
+
+main "$@"

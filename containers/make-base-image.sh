@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Make a CPU stand-in for the Dockerfiles' default base image, for hosts that cannot pull it.
+#
+# Usage: containers/make-base-image.sh [--force]
+#
+# The stand-in is Debian bookworm (debootstrap minbase) with a Python venv at /opt/conda holding the CPU
+# torch wheel, `python`/`pip` first on PATH: what the Dockerfiles rely on in the official PyTorch image
+# (/opt/conda/bin/python with torch importable). It is tagged with the exact name of the Dockerfiles'
+# `ARG BASE_IMAGE` default, so `./build.sh` builds them unchanged and without a pull. Nothing is done
+# when an image of that name exists already (unless --force). Uses `docker`, which
+# containers/setup-podman.sh points at podman on hosts without a Docker engine.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${GCINFER_PODMAN_DIR:-/var/tmp/gcinfer-podman}/base-image
+TORCH=${TORCH_VERSION:-2.13.0}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+
+log() { printf 'make-base-image: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+default_base_image() {
+    local names
+    names=$(sed -n 's/^ARG BASE_IMAGE=//p' "$ROOT"/docker/*/Dockerfile | sort -u)
+    [[ -n $names ]] || die "no 'ARG BASE_IMAGE=' default in docker/*/Dockerfile"
+    [[ $(wc -l <<<"$names") -eq 1 ]] || die "the Dockerfiles disagree on the base image: $(tr '\n' ' ' <<<"$names")"
+    printf '%s\n' "$names"
+}
+
+qualified() {
+    # docker.io/ for a Docker Hub short name, so that podman stores the name FROM resolves to
+    local name=$1 first=${1%%/*}
+    [[ $name == */* && ( $first == *.* || $first == *:* || $first == localhost ) ]] && { printf '%s\n' "$name"; return; }
+    [[ $name == */* ]] || name=library/$name
+    printf 'docker.io/%s\n' "$name"
+}
+
+make_rootfs() {
+    local rootfs=$WORK/rootfs
+    command -v debootstrap >/dev/null || die "debootstrap is missing (containers/setup-podman.sh installs it)"
+    rm -rf "$rootfs"
+    log "debootstrap bookworm (minbase + python3-venv) from $MIRROR"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
+        || { tail -n 20 "$WORK/debootstrap.log" >&2; die "debootstrap failed (log: $WORK/debootstrap.log)"; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar --numeric-owner -C "$rootfs" -c . | docker import - gcinfer-stand-in-rootfs:bookworm >/dev/null
+    rm -rf "$rootfs"
+}
+
+download_torch() {
+    rm -rf "$WORK/context/wheels"
+    mkdir -p "$WORK/context/wheels"
+    log "pip download torch==$TORCH (CPU wheel and its dependencies)"
+    "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+        --python-version 3.11 --platform manylinux_2_28_x86_64 \
+        -d "$WORK/context/wheels" "torch==$TORCH" 2>&1 | grep -v 'is ignored' >&2 || true
+    compgen -G "$WORK/context/wheels/torch-$TORCH*.whl" >/dev/null || die "no torch $TORCH wheel could be downloaded"
+}
+
+write_containerfile() {
+    cat >"$WORK/context/Containerfile" <<'CONTAINERFILE'
+FROM gcinfer-stand-in-rootfs:bookworm
+RUN --mount=type=bind,source=wheels,target=/wheels \
+    python3 -m venv /opt/conda \
+    && /opt/conda/bin/pip install --no-cache-dir --no-index --disable-pip-version-check /wheels/*.whl \
+    && /opt/conda/bin/python -c "import torch; print('torch', torch.__version__)"
+ENV PATH=/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+WORKDIR /workspace
+CONTAINERFILE
+}
+
+main() {
+    local force=0 name tag
+    [[ ${1:-} == --force ]] && force=1
+    docker info >/dev/null 2>&1 || die "no container engine answers: run eval \"\$(containers/setup-podman.sh)\" first"
+    name=$(default_base_image)
+    tag=$(qualified "$name")
+    if [[ $force -eq 0 ]] && docker image inspect "$tag" >/dev/null 2>&1; then
+        log "$name exists: nothing to do"
+        return 0
+    fi
+    mkdir -p "$WORK"
+    make_rootfs
+    download_torch
+    write_containerfile
+    log "building the stand-in $tag"
+    docker build --quiet --tag "$tag" "$WORK/context" >/dev/null
+    docker rmi gcinfer-stand-in-rootfs:bookworm >/dev/null 2>&1 || true
+    rm -rf "$WORK/context"
+    log "stand-in ready: $tag"
+}
+
+main "$@"

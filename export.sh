@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Build the images, then write what Grand Challenge takes: the image archive and the model tarball.
+#
+# Usage: ./export.sh [NAME...] [--no-build] [--models DIR] [BUILD FLAGS...]
+#   dist/<tag>.tar.gz          `docker save` of the image, gzipped (Algorithm > Containers > upload)
+#   dist/<name>-model.tar.gz   the contents of DIR/<name>/model/ (Algorithm > Models > upload; Grand Challenge
+#                              extracts it to /opt/ml/model). DIR defaults to docker/, i.e. docker/<name>/model/;
+#                              without that folder no model tarball is written (weights baked in, or none yet).
+# Build flags (from the first unknown argument starting with '-') go to ./build.sh.
+set -euo pipefail
+# shellcheck source=containers/common.sh
+source "$(dirname "$0")/containers/common.sh"
+
+DIST=${DIST:-$ROOT/dist}
+
+save_image() {
+    local tag=$1 archive=$DIST/$1.tar.gz
+    log "saving $tag -> ${archive#"$ROOT"/}"
+    "$ENGINE" save "$tag" | gzip -1 >"$archive.part"
+    mv "$archive.part" "$archive"
+}
+
+save_model() {
+    local name=$1 folder=$2 archive=$DIST/$1-model.tar.gz
+    if [[ ! -d $folder ]] || [[ -z $(ls -A "$folder") ]]; then
+        log "no model folder $folder: ${archive#"$ROOT"/} not written"
+        return 0
+    fi
+    log "packing $folder -> ${archive#"$ROOT"/}"
+    tar --create --gzip --owner=0 --group=0 --numeric-owner --no-wildcards-match-slash --exclude='.?*' --file "$archive.part" -C "$folder" .
+    mv "$archive.part" "$archive"
+}
+
+main() {
+    local names=() build=1 models=$ROOT/docker flags=() name
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --no-build) build=0 ;;
+            --models) models=${2:?--models needs a folder}; shift ;;
+            -*) flags=("$@"); break ;;
+            *) check_name "$1"; names+=("$1") ;;
+        esac
+        shift
+    done
+    [[ ${#names[@]} -gt 0 ]] || names=("${NAMES[@]}")
+    [[ $build -eq 0 ]] || "$ROOT/build.sh" "${names[@]}" "${flags[@]}"
+    select_engine
+    mkdir -p "$DIST"
+    for name in "${names[@]}"; do
+        save_image "$(tag_of "$name")"
+        save_model "$name" "$models/$name/model"
+    done
+    ls -l "$DIST"
+}
+
+main "$@"

@@ -1,0 +1,254 @@
+"""AMOS 2022 task 1 (CT) and task 2 (CT or MRI) pipelines: the winning nnU-Net v1 ensembles, in memory.
+
+Upstream (nnU-Net v1 ``documentation/amos2022/run_inference_task{1,2}.py``) predicts every configuration with
+``predict_cases_amos2022`` (saving each configuration's softmax as a compressed npz per case), averages those
+with ``merge``, then applies the organ-wise post-processing. This module computes the same label maps with
+everything on the device and nothing written but the final label map. Per case:
+
+1. read the image and crop it to its non-zero bounding box (nnU-Net's crop, shared by all configurations);
+2. per configuration: preprocess as nnU-Net v1 does for its plans (:mod:`gcinfer.nnunet_v1`), predict all its
+   folds in one tiled pass (:func:`gcinfer.tiling.predict_tiled`, nnU-Net mode: step 0.5, Gaussian, 8 mirrors,
+   fp16 autocast on CUDA), resample that fold mean per channel to the crop's shape (trilinear, as the AMOS
+   inference code does), transpose it back and add it, divided by the number of configurations, to the
+   ensemble accumulator;
+3. argmax into the full image (background outside the crop), organ-wise post-processing
+   (:func:`gcinfer.postprocessing.postprocess_organs`, cupy on CUDA when installed), write uint8 with the
+   input's geometry.
+
+Memory (``K`` classes, ``Nc`` voxels in the crop, ``Nt`` voxels of a configuration's network input):
+
+- ensemble accumulator: ``(K, *crop)`` **float16** (``2 K Nc`` bytes), holding the running mean over
+  configurations. It is the largest buffer (a 512 x 512 x 300 CT with 16 classes: 2.5 GB instead of 5 GB in
+  float32); upstream stored each configuration's softmax in float16 (its npz) before averaging, and adding
+  ``p / n_configurations`` keeps the values in [0, 1], where float16 resolves 2**-11;
+- a configuration's tiled prediction: ``(K, *network input)`` float32 (``4 K Nt`` bytes), the tiling engine's
+  accumulator, freed once resampled; folds and mirrors are summed inside each tile by the engine;
+- resampling: one ``Nc`` float32 channel at a time; argmax: a few slices at a time; labels: ``uint8``.
+
+So the working memory is ``2 K Nc + 4 K Nt`` plus small terms, whatever the number of folds and configurations.
+The weights of one configuration's folds are on the device at a time (one network per fold, restored once per
+run and kept on the host): that costs ``folds x weights`` of device memory but lets the engine run every fold
+on each tile in one pass, where reloading one network per fold would need a second ``4 K Nt`` accumulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from gcinfer import nnunet_v1
+from gcinfer.devices import autocast_dtype_for
+from gcinfer.io import Geometry, InputError, read_image, write_label_map
+from gcinfer.layout import Case, Sockets, discover_cases
+from gcinfer.postprocessing import backend_for, parse_table, postprocess_organs
+from gcinfer.resampling import resize_channels_trilinear
+from gcinfer.runner import StageLog, run_cases, summarize
+from gcinfer.tiling import predict_tiled
+
+log = logging.getLogger("gcinfer")
+
+ENSEMBLE_DTYPE = torch.float16
+"""dtype of the cross-configuration accumulator (see the module docstring)."""
+ARGMAX_SLICES = 8
+"""Slices (first axis) per argmax step: bounds the int64 argmax temporary."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's choices: the container config, overridden by the command line.
+
+    Attributes:
+        sockets: the Grand Challenge input socket (one) and output socket.
+        models: configuration folder names ``<Trainer>__<Plans>`` to ensemble.
+        folds: folds of every configuration to ensemble.
+        checkpoint: checkpoint name in each fold folder.
+        step_size: tile step as a fraction of the patch.
+        mirror_axes: spatial axes mirrored at test time (empty: no test-time augmentation).
+        tile_batch_size: tiles per forward pass (speed and memory only).
+        postprocessing: the organ-wise post-processing table, or None to skip it.
+    """
+
+    sockets: Sockets
+    models: tuple[str, ...]
+    folds: tuple[int, ...]
+    checkpoint: str
+    step_size: float
+    mirror_axes: tuple[int, ...]
+    tile_batch_size: int
+    postprocessing: dict | None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What a case needs: the restored configurations, the settings and the device."""
+
+    configurations: list[nnunet_v1.Configuration]
+    settings: Settings
+    device: torch.device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The AMOS pipelines' own flags (the CLI adds --input, --output, --model, --device, --config)."""
+    parser.add_argument("--models", nargs="+", metavar="TRAINER__PLANS", help="configurations (default: the config's)")
+    parser.add_argument("--folds", nargs="+", type=int, metavar="K", help="folds (default: the config's, 0 1 2 3 4)")
+    parser.add_argument("--no-tta", action="store_true", help="no test-time mirroring")
+    parser.add_argument("--step-size", type=float, default=None, help="tile step, fraction of the patch (default 0.5)")
+    parser.add_argument("--no-postprocessing", action="store_true", help="skip the organ-wise post-processing")
+
+
+def settings_from(args: argparse.Namespace, config: dict) -> Settings:
+    """Merge the container config with the command line.
+
+    Raises:
+        InputError: a missing or invalid config entry or option (names the config file).
+    """
+    source = getattr(args, "config", None) or "configuration"
+    try:
+        settings = Settings(
+            sockets=Sockets(tuple(config["sockets"]["inputs"]), str(config["sockets"]["output"])),
+            models=tuple(args.models or config["models"]),
+            folds=tuple(int(f) for f in (args.folds if args.folds is not None else config["folds"])),
+            checkpoint=str(config.get("checkpoint", nnunet_v1.CHECKPOINT)),
+            step_size=float(args.step_size if args.step_size is not None else config["step_size"]),
+            mirror_axes=() if args.no_tta else tuple(int(a) for a in config["mirror_axes"]),
+            tile_batch_size=int(config.get("tile_batch_size", 1)),
+            postprocessing=None if args.no_postprocessing else config["postprocessing"],
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(f"{source}: invalid AMOS configuration (missing or malformed entry {error})") from None
+    if len(settings.sockets.inputs) != 1:
+        raise InputError(f"{source}: the AMOS pipelines take exactly one input socket, got {settings.sockets.inputs}")
+    if not 0 < settings.step_size <= 1:
+        raise InputError(f"{source}: step size must be in (0, 1], got {settings.step_size}")
+    if settings.tile_batch_size < 1:
+        raise InputError(f"{source}: tile_batch_size must be at least 1, got {settings.tile_batch_size}")
+    if settings.postprocessing is not None:
+        try:
+            parse_table(settings.postprocessing)
+        except ValueError as error:
+            raise InputError(f"{source}: {error}") from None
+    return settings
+
+
+def load_configurations(model_dir: Path, settings: Settings) -> list[nnunet_v1.Configuration]:
+    """Restore the selected configurations and folds once per run.
+
+    Raises:
+        InputError: anything missing in ``model_dir`` (named), or configurations disagreeing on the classes.
+    """
+    configurations = nnunet_v1.restore(model_dir, settings.models, settings.folds, settings.checkpoint)
+    classes = {c.name: c.num_classes for c in configurations}
+    if len(set(classes.values())) != 1:
+        raise InputError(f"{model_dir}: the configurations predict different numbers of classes: {classes}")
+    if max(classes.values()) > 256:
+        raise InputError(f"{model_dir}: {max(classes.values())} classes do not fit a uint8 label map")
+    return configurations
+
+
+def ensemble_probabilities(
+    cropped: nnunet_v1.Cropped, pipeline: Pipeline, stages: StageLog
+) -> torch.Tensor:
+    """Mean over configurations of each configuration's mean softmax over folds and mirrors, on the crop.
+
+    Returns:
+        ``(K, z, y, x)`` :data:`ENSEMBLE_DTYPE` on the device, the crop's shape (``size_after_cropping``).
+    """
+    device, settings = pipeline.device, pipeline.settings
+    first = pipeline.configurations[0]
+    total = torch.zeros((first.num_classes, *cropped.shape), dtype=ENSEMBLE_DTYPE, device=device)
+    weight = 1.0 / len(pipeline.configurations)
+    for configuration in pipeline.configurations:
+        with stages.stage("preprocess"):
+            image = torch.from_numpy(configuration.preprocess(cropped).data).to(device)
+        with stages.stage("predict"), configuration.networks_on(device) as networks:
+            probabilities = predict_tiled(
+                image, networks, configuration.patch_size, mode="nnunet", step_size=settings.step_size,
+                mirror_axes=settings.mirror_axes, gaussian=True, tile_batch_size=settings.tile_batch_size,
+                autocast_dtype=autocast_dtype_for(device), progress=False,
+            )  # fmt: skip
+        del image
+        with stages.stage("resample"):
+            size = [cropped.shape[axis] for axis in configuration.transpose_forward]
+            channels = resize_channels_trilinear(probabilities, size)
+            for accumulator, channel in zip(total, channels):
+                accumulator.add_(channel.permute(configuration.transpose_backward).to(device), alpha=weight)
+        del probabilities, channels
+    return total
+
+
+def labels_in_image(probabilities: torch.Tensor, cropped: nnunet_v1.Cropped, geometry: Geometry) -> torch.Tensor:
+    """Argmax of the crop's probabilities pasted into the full image, background outside the crop.
+
+    Returns:
+        ``(z, y, x)`` uint8 of ``geometry.shape_zyx`` on ``probabilities``' device.
+    """
+    labels = torch.zeros(geometry.shape_zyx, dtype=torch.uint8, device=probabilities.device)
+    region = labels[cropped.bbox]
+    for start in range(0, region.shape[0], ARGMAX_SLICES):
+        step = slice(start, start + ARGMAX_SLICES)
+        region[step] = probabilities[:, step].argmax(0)
+    return labels
+
+
+def postprocess(labels: torch.Tensor, spacing_zyx: Sequence[float], table: dict) -> np.ndarray:
+    """Organ-wise post-processing where the labels are: cupy on CUDA (zero-copy, when installed), else numpy.
+
+    Returns:
+        ``(z, y, x)`` uint8 numpy array.
+    """
+    if labels.device.type == "cuda" and importlib.util.find_spec("cupy") is not None:
+        import cupy
+
+        array = cupy.from_dlpack(labels)
+    else:
+        array = labels.cpu().numpy()
+    result = postprocess_organs(array, spacing_zyx, table)
+    return backend_for(result).to_numpy(result)
+
+
+def predict_case(case: Case, pipeline: Pipeline, stages: StageLog) -> None:
+    """Segment one case and write its label map (uint8, the input's geometry); nothing else is written."""
+    (path,) = case.inputs.values()
+    with stages.stage("read"):
+        image, geometry = read_image(path)
+    if not image.any():
+        raise InputError(f"{path}: every voxel is 0; nnU-Net's non-zero crop would be empty")
+    with stages.stage("crop"):
+        cropped = nnunet_v1.crop(image[None], geometry)
+    del image
+    probabilities = ensemble_probabilities(cropped, pipeline, stages)
+    with stages.stage("argmax"):
+        labels = labels_in_image(probabilities, cropped, geometry)
+    del probabilities
+    table = pipeline.settings.postprocessing
+    with stages.stage("postprocess"):
+        result = postprocess(labels, geometry.spacing_zyx, table) if table else labels.cpu().numpy()
+    with stages.stage("write"):
+        write_label_map(case.output, result, geometry)
+
+
+def run(args: argparse.Namespace, config: dict) -> int:
+    """``gcinfer amos-task1|amos-task2``: segment every case of ``args.input`` into ``args.output``.
+
+    Returns:
+        The exit code: 0 when every case was written, 1 when any failed (the others are still written).
+    """
+    settings = settings_from(args, config)
+    cases = discover_cases(args.input, args.output, settings.sockets)
+    if args.device.type == "cuda" and settings.postprocessing and importlib.util.find_spec("cupy") is None:
+        log.warning("cupy is not installed: the post-processing runs on the CPU")
+    pipeline = Pipeline(load_configurations(args.model, settings), settings, args.device)
+    log.info(
+        "%s: %d case(s), configurations %s, folds %s, step %.2f, mirror axes %s, post-processing %s, device %s",
+        args.command, len(cases), ", ".join(settings.models), list(settings.folds), settings.step_size,
+        list(settings.mirror_axes), "on" if settings.postprocessing else "off", args.device,
+    )  # fmt: skip
+    results = run_cases(cases, lambda case, stages: predict_case(case, pipeline, stages), args.device)
+    return summarize(results)

@@ -1,0 +1,302 @@
+"""AMOS 2022 pipelines (``gcinfer amos-task1|amos-task2``) end to end on the fixture models and phantoms.
+
+- Dice against the phantoms' ground truth (mean organ Dice >= 0.8 per case);
+- parity with the reference pipeline (upstream's flow from nnU-Net v1's own pieces on the CPU, see
+  ``amos_reference.py``) on the same models and cases: >= 99.5 % identical voxels, Dice >= 0.98 per present label;
+- geometry (anisotropic spacing, permuted direction, image smaller than the patch, non-zero box a small part of the
+  image): output geometry == input geometry exactly, uint8, background outside the non-zero box, and equal to the
+  reference;
+- only the final label maps are written (output folder, TMPDIR, model folder checked), a failing case is reported
+  and skipped, missing folds or configurations give the documented errors.
+
+The expensive runs happen once per module (fixtures), with folds 0 and 1 (the fixture models have only those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from amos_reference import copy_models, run_reference
+from gcinfer import amos, cli
+from gcinfer.io import Geometry, InputError, case_name, read_image
+from gcinfer.metrics import dice_per_label
+from gcinfer.resampling import resize_channels_trilinear
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+FOLDS = (0, 1)
+CONFIGS = {t: json.loads((REPOSITORY / "docker" / f"amos_{t}" / "config.json").read_text()) for t in ("task1", "task2")}
+
+
+def gcinfer(command: str, input_dir: Path, output_dir: Path, model_dir: Path, *options: str) -> int:
+    argv = [command, "--input", str(input_dir), "--output", str(output_dir), "--model", str(model_dir)]
+    return cli.main([*argv, "--device", "cpu", *options])
+
+
+def folds_option(folds=FOLDS) -> list[str]:
+    return ["--folds", *map(str, folds)]
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file())
+
+
+def snapshot(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*"))
+
+
+def inputs_of(fixtures_dir: Path, task: str) -> list[Path]:
+    return sorted((fixtures_dir / f"amos_{task}" / "input").glob("*.nii.gz"))
+
+
+def truth_of(fixtures_dir: Path, task: str, name: str) -> np.ndarray:
+    return read_image(fixtures_dir / f"amos_{task}" / "labels" / f"{name}.nii.gz")[0]
+
+
+def organ_dice(prediction: np.ndarray, truth: np.ndarray) -> dict[int, float]:
+    """Dice of every organ of the ground truth."""
+    scores = dice_per_label(prediction, truth)
+    return {label: scores[label] for label in np.unique(truth).tolist() if label != 0}
+
+
+@pytest.fixture(scope="module")
+def clean_tmpdir(tmp_path_factory):
+    """An empty TMPDIR for the pipeline runs, to check that nothing is written there."""
+    folder = tmp_path_factory.mktemp("tmpdir")
+    with mock.patch.object(tempfile, "tempdir", str(folder)):
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def task1_run(fixtures_dir, tmp_path_factory, clean_tmpdir) -> dict:
+    """``gcinfer amos-task1`` on the flat folder of sample CT phantoms, folds 0 1, everything else as configured."""
+    model_dir = fixtures_dir / "amos_task1" / "model"
+    output = tmp_path_factory.mktemp("task1_out")
+    before = snapshot(model_dir)
+    code = gcinfer("amos-task1", fixtures_dir / "amos_task1" / "input", output, model_dir, *folds_option())
+    return {"code": code, "output": output, "model_unchanged": snapshot(model_dir) == before}
+
+
+@pytest.fixture(scope="module")
+def task2_run(fixtures_dir, tmp_path_factory, clean_tmpdir) -> dict:
+    """``gcinfer amos-task2`` on the sample CT and MRI phantoms laid out as Grand Challenge sockets (.mha)."""
+    socket = CONFIGS["task2"]["sockets"]["inputs"][0]
+    inputs = tmp_path_factory.mktemp("task2_in")
+    (inputs / "images" / socket).mkdir(parents=True)
+    for path in inputs_of(fixtures_dir, "task2"):
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(inputs / "images" / socket / f"{case_name(path)}.mha"))
+    output = tmp_path_factory.mktemp("task2_out")
+    code = gcinfer("amos-task2", inputs, output, fixtures_dir / "amos_task2" / "model", *folds_option())
+    return {"code": code, "inputs": inputs, "output": output}
+
+
+@pytest.fixture(scope="module")
+def task1_reference(fixtures_dir, tmp_path_factory) -> dict[str, Path]:
+    """The reference pipeline (same models, folds 0 1, TTA, post-processing) on the task 1 sample case whose image
+    has a zero border, so that nnU-Net's crop and the paste back are exercised."""
+    (case,) = [p for p in inputs_of(fixtures_dir, "task1") if not read_image(p)[0].all()]
+    config, work = CONFIGS["task1"], tmp_path_factory.mktemp("task1_reference")
+    models = copy_models(fixtures_dir / "amos_task1" / "model", config["models"], work / "models")
+    return run_reference(models, config["models"], FOLDS, [case], work / "run", config["postprocessing"])
+
+
+def test_task1_writes_only_the_label_maps(task1_run, fixtures_dir, clean_tmpdir) -> None:
+    assert task1_run["code"] == 0
+    expected = [task1_run["output"] / p.name for p in inputs_of(fixtures_dir, "task1")]
+    assert files_under(task1_run["output"]) == expected
+    assert files_under(clean_tmpdir) == []
+    assert task1_run["model_unchanged"]
+
+
+def test_task2_grand_challenge_layout(task2_run, fixtures_dir) -> None:
+    assert task2_run["code"] == 0
+    socket = CONFIGS["task2"]["sockets"]["output"]
+    names = [case_name(p) for p in inputs_of(fixtures_dir, "task2")]
+    folder = task2_run["output"] / "images" / socket
+    assert files_under(task2_run["output"]) == sorted(folder / f"{n}.mha" for n in names)
+
+
+@pytest.mark.parametrize("task", ["task1", "task2"])
+def test_dice_against_phantom_truth(task, task1_run, task2_run, fixtures_dir) -> None:
+    run = {"task1": task1_run, "task2": task2_run}[task]
+    outputs = files_under(run["output"])
+    assert outputs
+    for path in outputs:
+        scores = organ_dice(read_image(path)[0], truth_of(fixtures_dir, task, case_name(path)))
+        mean = float(np.mean(list(scores.values())))
+        organs = " ".join(f"{k}:{v:.2f}" for k, v in scores.items())
+        print(f"{task} {case_name(path)} mean organ Dice {mean:.3f}: {organs}")
+        assert mean >= 0.8, scores
+
+
+def test_task1_parity_with_reference(task1_run, task1_reference, fixtures_dir) -> None:
+    for name, reference_path in task1_reference.items():
+        reference, reference_geometry = read_image(reference_path)
+        ours, geometry = read_image(task1_run["output"] / f"{name}.nii.gz")
+        identical = float(np.mean(ours == reference))
+        scores = dice_per_label(ours, reference)
+        print(f"task1 {name}: identical voxels {100 * identical:.3f} %, min label Dice {min(scores.values()):.4f}")
+        assert geometry == reference_geometry
+        assert identical >= 0.995
+        assert min(scores.values()) >= 0.98, scores
+
+
+@pytest.fixture(scope="module")
+def edge_cases(fixtures_dir, tmp_path_factory, clean_tmpdir) -> dict:
+    """Odd geometries, a corrupt file and an all-zero image in one folder; one configuration, fold 0, no TTA, no
+    post-processing. The same valid cases go through the reference with the same settings.
+    """
+    image, geometry = read_image(inputs_of(fixtures_dir, "task1")[0])
+    inputs = tmp_path_factory.mktemp("edge_in")
+    write = lambda name, array, **frame: sitk.WriteImage(  # noqa: E731
+        Geometry(array.shape[::-1], **frame).apply_to(sitk.GetImageFromArray(array)), str(inputs / name)
+    )
+    permuted = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    write("anisotropic.nii.gz", image, spacing=(0.9, 1.7, 6.5), origin=(-3.0, 40.0, 7.5), direction=permuted)
+    z, y, x = (s // 2 for s in image.shape)
+    write("small.mha", image[z - 3 : z + 3, y - 9 : y + 8, x - 6 : x + 7], spacing=geometry.spacing,
+          origin=geometry.origin, direction=geometry.direction)  # fmt: skip
+    patch = image[:, ::2, ::2]
+    canvas = np.zeros((patch.shape[0] + 10, 4 * patch.shape[1], 4 * patch.shape[2]), dtype=image.dtype)
+    box = tuple(slice(start, start + size) for start, size in zip((4, 9, 30), patch.shape))
+    canvas[box] = patch
+    write("boxed.nii.gz", canvas, spacing=geometry.spacing, origin=geometry.origin, direction=geometry.direction)
+    write("zeros.nii.gz", np.zeros((20, 20, 20), np.int16), spacing=(1.0, 1.0, 1.0), origin=(0.0,) * 3,
+          direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # fmt: skip
+    (inputs / "corrupt.nii.gz").write_bytes((inputs / "boxed.nii.gz").read_bytes()[:200])
+    valid = [inputs / n for n in ("anisotropic.nii.gz", "boxed.nii.gz", "small.mha")]
+
+    model_dir, first = fixtures_dir / "amos_task1" / "model", CONFIGS["task1"]["models"][0]
+    output = tmp_path_factory.mktemp("edge_out")
+    options = ["--models", first, *folds_option([0]), "--no-tta", "--no-postprocessing"]
+    code = gcinfer("amos-task1", inputs, output, model_dir, *options)
+    work = tmp_path_factory.mktemp("edge_reference")
+    reference = run_reference(
+        copy_models(model_dir, [first], work / "models"), [first], [0], valid, work / "run", None, tta=False
+    )
+    return {"code": code, "inputs": inputs, "output": output, "reference": reference, "box": box}
+
+
+def test_failing_cases_are_skipped_and_the_others_written(edge_cases) -> None:
+    assert edge_cases["code"] == 1
+    written = sorted(p.name for p in files_under(edge_cases["output"]))
+    assert written == ["anisotropic.nii.gz", "boxed.nii.gz", "small.mha"]
+
+
+def test_failure_messages_name_the_file(fixtures_dir, tmp_path, caplog) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    zeros = sitk.GetImageFromArray(np.zeros((8, 8, 8), np.int16))
+    sitk.WriteImage(zeros, str(inputs / "zeros.nii.gz"))
+    (inputs / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    first = CONFIGS["task1"]["models"][0]
+    with caplog.at_level(logging.INFO, logger="gcinfer"):
+        code = gcinfer("amos-task1", inputs, tmp_path / "out", fixtures_dir / "amos_task1" / "model",
+                       "--models", first, *folds_option([0]), "--no-tta")  # fmt: skip
+    assert code == 1
+    zeros_message = "every voxel is 0; nnU-Net's non-zero crop would be empty"
+    assert f"FAILED zeros: {inputs / 'zeros.nii.gz'}: {zeros_message}" in caplog.text
+    assert f"FAILED corrupt: {inputs / 'corrupt.nii.gz'}: cannot read image" in caplog.text
+    assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("name", ["anisotropic.nii.gz", "boxed.nii.gz", "small.mha"])
+def test_edge_geometry_and_parity(name, edge_cases) -> None:
+    image, geometry = read_image(edge_cases["inputs"] / name)
+    path = edge_cases["output"] / name
+    assert sitk.ReadImage(str(path)).GetPixelID() == sitk.sitkUInt8
+    labels, output_geometry = read_image(path)
+    assert output_geometry == geometry
+    reference, _ = read_image(edge_cases["reference"][case_name(path)])
+    assert np.mean(labels == reference) >= 0.995
+    if name == "boxed.nii.gz":
+        outside = np.ones(labels.shape, dtype=bool)
+        outside[edge_cases["box"]] = False
+        assert labels.any() and not labels[outside].any()
+
+
+def test_default_folds_missing_is_a_clear_error(fixtures_dir, tmp_path, caplog) -> None:
+    model_dir = fixtures_dir / "amos_task1" / "model"
+    with caplog.at_level(logging.ERROR, logger="gcinfer"):
+        code = gcinfer("amos-task1", fixtures_dir / "amos_task1" / "input", tmp_path / "out", model_dir)
+    assert code == 1
+    for name in CONFIGS["task1"]["models"]:
+        message = f"fold_2, fold_3, fold_4 missing in {model_dir / name}; pass --folds 0 1 to use the available ones"
+        assert message in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_option_is_a_clear_error(fixtures_dir, tmp_path, caplog) -> None:
+    model_dir = fixtures_dir / "amos_task2" / "model"
+    with caplog.at_level(logging.ERROR, logger="gcinfer"):
+        code = gcinfer("amos-task2", fixtures_dir / "amos_task2" / "input", tmp_path / "out", model_dir,
+                       "--models", "nnUNetTrainerV2__Missing", *folds_option())  # fmt: skip
+    assert code == 1
+    assert f"configuration(s) nnUNetTrainerV2__Missing missing in {model_dir}" in caplog.text
+
+
+def arguments(**options) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    amos.add_arguments(parser)
+    namespace = parser.parse_args([])
+    namespace.config = Path("docker/amos_task1/config.json")
+    vars(namespace).update(options)
+    return namespace
+
+
+def test_settings_merge_config_and_options() -> None:
+    config = CONFIGS["task1"]
+    settings = amos.settings_from(arguments(), config)
+    assert settings.models == tuple(config["models"]) and settings.folds == (0, 1, 2, 3, 4)
+    assert (settings.step_size, settings.mirror_axes, settings.tile_batch_size) == (0.5, (0, 1, 2), 2)
+    assert settings.sockets.inputs == ("ct-image",) and settings.postprocessing == config["postprocessing"]
+    options = arguments(models=["a__b"], folds=[1], no_tta=True, step_size=0.25, no_postprocessing=True)
+    settings = amos.settings_from(options, config)
+    assert (settings.models, settings.folds, settings.mirror_axes) == (("a__b",), (1,), ())
+    assert (settings.step_size, settings.postprocessing) == (0.25, None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c.pop("folds"), r"invalid AMOS configuration \(missing or malformed entry 'folds'\)"),
+        (lambda c: c.update(step_size=1.5), r"step size must be in \(0, 1\], got 1.5"),
+        (
+            lambda c: c["sockets"].update(inputs=["ct", "mr"]),
+            r"the AMOS pipelines take exactly one input socket, got \('ct', 'mr'\)",
+        ),
+        (
+            lambda c: c["postprocessing"]["organs"].update({"3": {"rule": "shrink"}}),
+            r"post-processing organ 3: unknown rule 'shrink'",
+        ),
+    ],
+)
+def test_invalid_configuration_is_named(change, message) -> None:
+    config = copy.deepcopy(CONFIGS["task1"])
+    change(config)
+    with pytest.raises(InputError, match=r"^docker/amos_task1/config.json: " + message):
+        amos.settings_from(arguments(), config)
+
+
+def test_resize_channels_is_the_amos_interpolation() -> None:
+    """Channel by channel, exactly upstream's ``F.interpolate(softmax[c][None, None], size, mode='trilinear')``."""
+    torch.manual_seed(0)
+    volume = torch.rand(3, 7, 10, 5)
+    size = (11, 4, 9)
+    ours = torch.stack(list(resize_channels_trilinear(volume, size)))
+    upstream = torch.stack([F.interpolate(volume[c][None, None], size=size, mode="trilinear")[0, 0] for c in range(3)])
+    assert torch.equal(ours, upstream)
+    with pytest.raises(ValueError, match=r"size must be 3 positive ints"):
+        next(resize_channels_trilinear(volume, (4, 4)))
