@@ -16,7 +16,9 @@ DIST=${DIST:-$ROOT/dist}
 save_image() {
     local tag=$1 archive=$DIST/$1.tar.gz
     log "saving $tag -> ${archive#"$ROOT"/}"
-    "$ENGINE" save "$tag" | gzip -1 >"$archive.part"
+    local gzip=(gzip -1)
+    command -v pigz >/dev/null && gzip=(pigz -1)
+    "$ENGINE" save "$tag" | "${gzip[@]}" >"$archive.part"
     mv "$archive.part" "$archive"
 }
 

@@ -5,11 +5,11 @@
 #   NAME        amos_task1, amos_task2, autopet2 (default: all)
 #   --local     run the same entry points (docker/<name>/run_inference.py) on the host, no container engine
 #   --no-build  test the images as they are (default: ./build.sh NAME... first)
-#   --fixtures  test inputs and models (default .cache/fixtures; made by `gcinfer make-fixtures` when missing)
+#   --fixtures  test inputs and models (default .cache/fixtures; made or refreshed by `gcinfer make-fixtures`)
 #   --keep      keep the work folder .cache/test-sh (inputs, outputs, logs); default: removed when all pass
 #
 # Runs (per image):
-#   grand-challenge  /input (read-only, images/<socket>/<uuid>.mha) -> /output, /opt/ml/model read-only, a fresh
+#   grand-challenge  /input (read-only: inputs.json, images/<socket>/<case>.mha) -> /output, /opt/ml/model (read-only), a fresh
 #                    volume on /tmp, flags: --network none --cap-drop ALL --security-opt no-new-privileges
 #                    --memory 15g --memory-swap 15g --pids-limit 256 --shm-size 128m (+ --gpus all with a GPU)
 #   workspace        AMOS only, as the AMOS 2022 organisers ran it: `python run_inference.py` without
@@ -38,12 +38,9 @@ record() {
     [[ $3 == pass ]] || FAILED=1
 }
 
+# the fixtures, made or refreshed by `gcinfer make-fixtures` (at once when its stamp is current)
 ensure_fixtures() {
-    local name missing=0
-    for name in "$@"; do [[ -d $FIXTURES/$name/model ]] || missing=1; done
-    [[ $missing -eq 0 ]] && return 0
-    log "making the fixtures in $FIXTURES (gcinfer make-fixtures --seed 0)"
-    "$PY" -m gcinfer.cli make-fixtures "$FIXTURES" --seed 0
+    "$PY" -m gcinfer.cli --quiet make-fixtures "$FIXTURES" --seed 0
 }
 
 # five_fold_model SOURCE TARGET: the fixture model with fold_2..4 hard-linked to fold_0/fold_1, so that the
@@ -79,7 +76,8 @@ host_reference() {
     return 1
 }
 
-command_of() { case $1 in amos_task1) echo amos-task1 ;; amos_task2) echo amos-task2 ;; *) echo "$1" ;; esac; }
+# the gcinfer command of a container folder: amos_task1 -> amos-task1
+command_of() { printf '%s\n' "${1//_/-}"; }
 
 fresh_output() { rm -rf "$1" && mkdir -p "$1" && chmod 0777 "$1"; }
 
@@ -164,11 +162,8 @@ test_image() {
     log "$name: the library's reference output on the host"
     host_reference "$name" "$fixture/input" "$fixture/model" "${args[@]}" || return 0
     local reference=$REFERENCE
-    local input=$fixture/input
-    if [[ ! -d $input/images ]]; then
-        input=$dir/gc-input
-        "$PY" -m gcinfer.checks gc-input "$fixture/input" "$input" --config "$ROOT/docker/$name/config.json" >/dev/null
-    fi
+    local input=$dir/gc-input
+    "$PY" -m gcinfer.checks gc-input "$fixture/input" "$input" --config "$ROOT/docker/$name/config.json" >/dev/null
     log "$name: grand-challenge run"
     fresh_output "$dir/gc-output"
     if timed_run "$name" grand-challenge "$dir/gc.log" \
@@ -228,7 +223,7 @@ main() {
         # the container predicts on the GPU (fp16), the host reference on the CPU: allow 0.1% of the voxels
         [[ ${#GPU[@]} -eq 0 ]] || MAX_MISMATCH=0.001
     fi
-    ensure_fixtures "${names[@]}"
+    ensure_fixtures
     export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
     rm -rf "$WORK"
     mkdir -p "$WORK"

@@ -12,13 +12,24 @@ source "$(dirname "$0")/common.sh"
 FIXTURES=${GCINFER_FIXTURES:-$ROOT/.cache/fixtures}
 TIMES=()
 STAND_IN=0
+START=$SECONDS
 
+# phase TITLE COMMAND...: run and time one phase; on failure print the times so far and stop
 phase() {
-    local title=$1 start=$SECONDS
+    local title=$1 start=$SECONDS code=0
     shift
     log "== $title"
-    "$@"
-    TIMES+=("$(printf '%-34s %5ss' "$title" "$((SECONDS - start))")")
+    "$@" || code=$?
+    TIMES+=("$(printf '%-34s %5ss  %s' "$title" "$((SECONDS - start))" "$([[ $code -eq 0 ]] && echo ok || echo "FAILED ($code)")")")
+    [[ $code -eq 0 ]] && return 0
+    report
+    exit "$code"
+}
+
+report() {
+    printf '\n%s\n' "${TIMES[@]}"
+    printf '%-34s %5ss\n' "container-test total" "$((SECONDS - START))"
+    df -h "${GCINFER_PODMAN_DIR:-/var/tmp/gcinfer-podman}" "$ROOT" | sed 's/^/  /'
 }
 
 setup_engine() {
@@ -35,10 +46,12 @@ setup_engine() {
 # every dist/<tag>.tar.gz loads and yields the image that was built; every model tarball lists its files
 check_archives() {
     local name tag built loaded
+    UNZIP=(gunzip -c)
+    command -v pigz >/dev/null && UNZIP=(pigz -dc)
     for name in "${NAMES[@]}"; do
         tag=$(tag_of "$name")
         built=$(docker image inspect --format '{{.Id}}' "$tag")
-        gunzip -c "$ROOT/dist/$tag.tar.gz" | docker load >"$ROOT/dist/.load.log" 2>&1 \
+        "${UNZIP[@]}" "$ROOT/dist/$tag.tar.gz" | docker load >"$ROOT/dist/.load.log" 2>&1 \
             || { cat "$ROOT/dist/.load.log" >&2; die "dist/$tag.tar.gz does not load"; }
         loaded=$(docker image inspect --format '{{.Id}}' "$tag")
         [[ $loaded == "$built" ]] || die "dist/$tag.tar.gz loads as $loaded, not the built image $built"
@@ -54,7 +67,7 @@ main() {
     [[ -d $FIXTURES ]] || die "$FIXTURES: no fixtures (run: make fixtures)"
     FIXTURES=$(cd "$FIXTURES" && pwd)
     export GCINFER_FIXTURES=$FIXTURES
-    local start=$SECONDS
+    START=$SECONDS
     phase "engine set-up" setup_engine
     # podman here means no Docker engine and, on these machines, no registry: a CPU stand-in for the base image;
     # a Docker host pulls the real base image in the build
@@ -64,9 +77,7 @@ main() {
     phase "./export.sh --no-build" "$ROOT/export.sh" --no-build --models "$FIXTURES"
     phase "archives load" check_archives
     docker image prune --force >/dev/null
-    printf '\n%s\n' "${TIMES[@]}"
-    printf '%-34s %5ss\n' "container-test total" "$((SECONDS - start))"
-    df -h "${GCINFER_PODMAN_DIR:-/var/tmp/gcinfer-podman}" "$ROOT" | sed 's/^/  /'
+    report
 }
 
 main "$@"

@@ -18,6 +18,7 @@ import contextlib
 import io
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Sequence
 from unittest import mock
@@ -27,7 +28,8 @@ import SimpleITK as sitk
 import torch
 from torch.nn import functional as F
 
-with contextlib.redirect_stdout(io.StringIO()):
+with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # nnU-Net v1 imports scipy.ndimage.filters
     from nnunet.inference.ensemble_predictions import merge
     from nnunet.inference.segmentation_export import save_segmentation_nifti_from_softmax
     from nnunet.training.model_restore import load_model_and_checkpoint_files
@@ -41,10 +43,11 @@ def _predict_configuration(
 ) -> None:
     """``predict_cases_amos2022(..., save_npz=True)`` for one configuration, CPU settings."""
     out_folder.mkdir(parents=True, exist_ok=True)
-    with mock.patch.dict(os.environ, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}):  # nnU-Net v1 predates weights_only
+    with mock.patch.dict(os.environ, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note that this env var disables weights_only
         trainer, params = load_model_and_checkpoint_files(
             str(model_folder), list(folds), mixed_precision=False, checkpoint_name="model_final_checkpoint"
-        )
+        )  # nnU-Net v1 predates torch.load's weights_only
     for path in inputs:
         output = out_folder / f"{case_name(path)}.nii.gz"
         d, _, dct = trainer.preprocess_patient([str(path)])

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -24,7 +25,8 @@ import torch
 from gcinfer import nnunet_v1
 from gcinfer.io import InputError, read_image
 
-with contextlib.redirect_stdout(io.StringIO()):
+with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # nnU-Net v1 imports scipy.ndimage.filters
     from nnunet.training.model_restore import load_model_and_checkpoint_files
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -61,9 +63,10 @@ def reference_trainers(fixtures_dir: Path, tmp_path_factory) -> dict[tuple[str, 
         root = tmp_path_factory.mktemp(f"reference_{task}")
         for name in models_of(task):
             copy_configuration(fixtures_dir, task, name, root)
-            with contextlib.redirect_stdout(io.StringIO()), mock.patch.dict(
-                os.environ, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), mock.patch.dict(
+                os.environ, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # nnU-Net v1 predates weights_only
             ):
+                warnings.simplefilter("ignore", UserWarning)  # torch's note about that variable
                 trainers[task, name] = load_model_and_checkpoint_files(
                     str(root / name), [0, 1], mixed_precision=False, checkpoint_name="model_final_checkpoint"
                 )

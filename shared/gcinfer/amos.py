@@ -152,9 +152,7 @@ def load_configurations(model_dir: Path, settings: Settings) -> list[nnunet_v1.C
     return configurations
 
 
-def ensemble_probabilities(
-    cropped: nnunet_v1.Cropped, pipeline: Pipeline, stages: StageLog
-) -> torch.Tensor:
+def ensemble_probabilities(cropped: nnunet_v1.Cropped, pipeline: Pipeline, stages: StageLog) -> torch.Tensor:
     """Mean over configurations of each configuration's mean softmax over folds and mirrors, on the crop.
 
     Returns:

@@ -92,7 +92,8 @@ def load_settings(config: dict, model_dir: Path, ensemble: str | None = None, so
         overrides = _read_json(overrides_path)
         unknown = sorted(set(overrides) - set(OVERRIDABLE))
         if unknown:
-            raise InputError(f"{overrides_path}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(OVERRIDABLE)})")
+            allowed = ", ".join(OVERRIDABLE)
+            raise InputError(f"{overrides_path}: unknown key(s) {', '.join(unknown)} (allowed: {allowed})")
         merged["network"] = {**config.get("network", {}), **overrides.get("network", {})}
         merged["window"] = overrides.get("window", config.get("window"))
         source = f"{source} + {overrides_path}"
@@ -133,10 +134,16 @@ def find_checkpoints(model_dir: Path, names: Sequence[str] | None = None) -> lis
         if missing:
             raise InputError(f"{', '.join(missing)}: checkpoint not found")
         return paths
-    paths = sorted(model_dir.glob("*.pt"), key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0, p.name))
+    paths = sorted(model_dir.glob("*.pt"), key=_checkpoint_order)
     if not paths:
         raise InputError(f"{model_dir}: no *.pt checkpoint (expected 0.pt ... 4.pt or checkpoint.pt)")
     return paths
+
+
+def _checkpoint_order(path: Path) -> tuple[bool, int, str]:
+    """Numbered folds first, in numeric order (``2.pt`` before ``10.pt``), then other names."""
+    numbered = path.stem.isdigit()
+    return not numbered, int(path.stem) if numbered else 0, path.name
 
 
 def build_network(settings: Settings) -> nn.Module:
@@ -186,9 +193,11 @@ def checked_state_dict(path: Path, network: nn.Module) -> dict[str, torch.Tensor
     if missing:
         raise InputError(f"{path}: missing key(s) in 'net': {_summarize_keys(missing)}")
     complete = {key: by_group[aliases[key]] for key in expected}
-    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in complete.items() if v.shape != expected[k].shape]
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in complete.items()
+             if v.shape != expected[k].shape]  # fmt: skip
     if wrong:
-        raise InputError(f"{path}: wrongly shaped tensor(s) in 'net' (checkpoint != network): {_summarize_keys(wrong)}")
+        shapes = _summarize_keys(wrong)
+        raise InputError(f"{path}: wrongly shaped tensor(s) in 'net' (checkpoint != network): {shapes}")
     return complete
 
 
@@ -278,8 +287,9 @@ def segment(
         for network in networks:
             with stage("predict"):
                 probabilities = fold_probabilities(image, plan, network, settings, device)
-                vote = probabilities if settings.ensemble == "mean" else probabilities.argmax(dim=0, keepdim=True).float()
-                total = vote if total is None else total.add_(vote)
+                if settings.ensemble == "vote":
+                    probabilities = probabilities.argmax(dim=0, keepdim=True).float()
+                total = probabilities if total is None else total.add_(probabilities.to(total.device))
                 del probabilities
         with stage("ensemble"):
             mean = total / len(networks)
@@ -348,10 +358,12 @@ def run(args: argparse.Namespace, config: dict) -> int:
         raise InputError(f"{source}: missing or malformed 'sockets' ({error})") from None
     cases = discover_cases(args.input, args.output, sockets)
     checkpoints = find_checkpoints(args.model, args.checkpoints)
-    log.info("autopet2: %d case(s), %d checkpoint(s) (%s), ensemble %s", len(cases), len(checkpoints),
-             ", ".join(p.name for p in checkpoints), settings.ensemble)
+    names = ", ".join(p.name for p in checkpoints)
+    log.info("autopet2: %d case(s), checkpoint(s) %s, ensemble %s", len(cases), names, settings.ensemble)
     networks = load_networks(checkpoints, settings, args.device)
-    predict = partial(predict_case, model_socket=sockets.inputs[0], networks=networks, settings=settings, device=args.device)
+    predict = partial(
+        predict_case, model_socket=sockets.inputs[0], networks=networks, settings=settings, device=args.device
+    )
     code = summarize(run_cases(cases, predict, args.device))
     if code == EXIT_OK and settings.write_data_centric_json:
         write_data_centric_json(args.output)

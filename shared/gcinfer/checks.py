@@ -6,13 +6,14 @@ the tool ``gcinfer check``):
 - ``outputs``: the expected files and only those (the library's own case discovery on the same input), each a
   uint8 label map on exactly its input's grid, voxel-identical to the library's output for the same input and
   weights computed on the host, and a mean Dice against the ground truth at or above the demo's target;
-- ``gc-input``: a flat folder of single-input cases rewritten in the Grand Challenge layout (``.mha``);
+- ``gc-input``: cases (flat folder or Grand Challenge layout) rewritten as one Grand Challenge job input:
+  ``images/<socket>/<case>.mha`` and ``inputs.json``;
 - ``fingerprint``: a hash of the library, options and files, the key of ``test.sh``'s reference cache;
 - ``fixture-args``: the extra pipeline options the fixture models need (``--folds 0 1`` for AMOS);
 - ``autopet-dataset``: write an AutoPET NIfTI dataset (``<patient>/<study>/SUV.nii.gz, CTres.nii.gz,
   SEG.nii.gz``) of fixture PET/CT phantoms;
 - ``autopet-stage``: split an AutoPET dataset into one Grand Challenge input folder per study;
-- ``autopet-score``: the challenge metrics of every study's output, as a CSV and a summary.
+- ``autopet-score``: the challenge metrics of every study's output (:mod:`gcinfer.metrics`), a CSV and a summary.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import SimpleITK as sitk
 from gcinfer.demo import TASKS, DemoTask
 from gcinfer.io import Geometry, InputError, case_name, image_suffix, read_image
 from gcinfer.layout import Case, Sockets, discover_cases
-from gcinfer.metrics import dice_per_label
+from gcinfer.metrics import LesionScores, dice_per_label, summarize_scores
+from gcinfer.metrics import score_study as score_lesions
 
 GEOMETRY_ATOL = 1e-4
 """mm (spacing, origin) and cosine (direction) tolerance of a written geometry against its input's."""
@@ -221,10 +223,10 @@ def write_autopet_dataset(root: Path, studies: int, seed: int) -> list[Path]:
 
 @dataclass(frozen=True)
 class Study:
-    """One AutoPET study: an identifier, its images per socket and its lesion mask."""
+    """One AutoPET study: an identifier, its images per input socket and its lesion mask."""
 
     name: str
-    images: dict[str, Path]
+    inputs: dict[str, Path]
     label: Path
 
 
@@ -275,11 +277,15 @@ def find_studies(dataset: Path, sockets: Sockets) -> list[Study]:
     return studies
 
 
-def stage_study(study: Study, folder: Path) -> Path:
-    """Write ``study`` as one Grand Challenge job input: ``folder/images/<socket>/<name>.mha``; returns ``folder``."""
-    for socket, path in study.images.items():
-        convert_to_mha(path, folder / "images" / socket / f"{study.name}.mha")
-    return folder
+def write_inputs_json(folder: Path, sockets: Sockets) -> Path:
+    """``folder/inputs.json`` as Grand Challenge writes it for a job: one entry per input socket (image kind)."""
+    entries = [
+        {"interface": {"slug": s, "kind": "Image", "relative_path": f"images/{s}"}, "value": None, "file": None}
+        for s in sockets.inputs
+    ]
+    path = folder / "inputs.json"
+    path.write_text(json.dumps(entries, indent=2))
+    return path
 
 
 def convert_to_mha(source: Path, target: Path) -> Path:
@@ -294,18 +300,26 @@ def convert_to_mha(source: Path, target: Path) -> Path:
     return target
 
 
-def write_grand_challenge_input(flat_dir: Path, target: Path, config_path: Path) -> list[Path]:
-    """Convert a flat folder of single-input cases into the Grand Challenge layout ``target/images/<socket>/<case>.mha``.
+def write_job(cases: Sequence[Case | Study], folder: Path, sockets: Sockets) -> Path:
+    """Write ``cases`` as a Grand Challenge job input: ``folder/images/<socket>/<case>.mha`` and ``inputs.json``.
 
-    Returns:
-        The written images (the case names are kept, so outputs pair with the flat layout's by name).
+    Case names are kept as the file names, so that the outputs pair with the cases (and labels) by name.
     """
+    for case in cases:
+        for socket in sockets.inputs:
+            convert_to_mha(case.inputs[socket], folder / "images" / socket / f"{case.name}.mha")
+    write_inputs_json(folder, sockets)
+    return folder
+
+
+def write_grand_challenge_input(source_dir: Path, target: Path, config_path: Path) -> Path:
+    """Rewrite the cases of ``source_dir`` (flat or Grand Challenge layout) as one Grand Challenge job in ``target``."""
     sockets = sockets_of(json.loads(config_path.read_text()), config_path)
-    (socket,) = sockets.inputs
-    written = []
-    for case in discover_cases(flat_dir, target / "unused-output", sockets):
-        written.append(convert_to_mha(case.inputs[socket], target / "images" / socket / f"{case.name}.mha"))
-    return written
+    cases = discover_cases(source_dir, target / "unused-output", sockets)
+    for case in cases:
+        if case.error:
+            raise InputError(case.error)
+    return write_job(cases, target, sockets)
 
 
 def stage_dataset(dataset: Path, work: Path, config_path: Path) -> Path:
@@ -322,7 +336,7 @@ def stage_dataset(dataset: Path, work: Path, config_path: Path) -> Path:
         for study in studies:
             folder = work / study.name
             try:
-                staged = stage_study(study, folder / "input")
+                staged = write_job([study], folder / "input", sockets)
             except InputError as error:
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "log.txt").write_text(f"cannot stage the inputs: {error}\n")
@@ -334,90 +348,52 @@ def stage_dataset(dataset: Path, work: Path, config_path: Path) -> Path:
 
 STAGING_FAILED = "staging"
 """Status code of a study whose inputs could not be converted (its log.txt says why)."""
-CSV_FIELDS = ("study", "status", "dice", "false_positive_ml", "false_negative_ml", "seconds", "output")
+CSV_FIELDS = ("study", "status", "dice", "false_positive_ml", "false_negative_ml", "truth_ml", "predicted_ml", "seconds",
+              "output")  # fmt: skip
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """18-connected components of a boolean mask, as the AutoPET evaluation labels them."""
-    import cc3d
-
-    components = cc3d.connected_components(mask.astype(np.uint8), connectivity=18)
-    return components, int(components.max())
-
-
-def _unmatched_voxels(mask: np.ndarray, other: np.ndarray) -> int:
-    """Voxels of the components of ``mask`` that do not touch ``other`` at all."""
-    components, count = _components(mask)
-    sizes = np.bincount(components.ravel(), minlength=count + 1)
-    touching = np.bincount(components.ravel(), weights=other.ravel(), minlength=count + 1) > 0
-    return int(sizes[1:][~touching[1:]].sum())
-
-
-def autopet_scores(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
-    """The AutoPET challenge metrics of one study (its ``val_script.py``).
-
-    Args:
-        prediction, truth: (z, y, x) lesion masks (non-zero = lesion) of one grid.
-        spacing: voxel spacing in mm (any order).
-
-    Returns:
-        ``dice`` (NaN when both masks are empty), ``false_positive_ml`` (volume of the predicted components
-        that touch no lesion) and ``false_negative_ml`` (volume of the lesions that no prediction touches).
-    """
-    prediction, truth = prediction > 0, truth > 0
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    total = int(prediction.sum()) + int(truth.sum())
-    dice = 2.0 * int(np.logical_and(prediction, truth).sum()) / total if total else float("nan")
-    return {
-        "dice": dice,
-        "false_positive_ml": _unmatched_voxels(prediction, truth) * voxel_ml,
-        "false_negative_ml": _unmatched_voxels(truth, prediction) * voxel_ml,
-    }
-
-
-def score_study(work: Path, name: str, label: Path, output_socket: str) -> dict[str, str]:
-    """One CSV row: the study's run status (``<work>/<name>/status``) and, when it ran, its metrics."""
+def score_study(work: Path, name: str, label: Path, output_socket: str) -> tuple[dict[str, str], LesionScores | None]:
+    """One CSV row: the study's run status (``<work>/<name>/status``) and, when it ran, its AutoPET scores."""
     status_file = work / name / "status"
     output = work / name / "output" / "images" / output_socket / f"{name}.mha"
-    row = {"study": name, "output": str(output)}
-    code, seconds = status_file.read_text().split() if status_file.is_file() else ("not run", "")
-    row["seconds"] = seconds
     log_file = work / name / "log.txt"
+    code, seconds = status_file.read_text().split() if status_file.is_file() else ("not-run", "")
+    row = {"study": name, "seconds": seconds, "output": str(output)}
     if code == STAGING_FAILED:
-        return {**row, "status": f"failed ({log_file.read_text().strip()})"}
+        return {**row, "status": f"failed ({log_file.read_text().strip()})"}, None
     if code != "0":
-        return {**row, "status": f"failed (exit {code}, log {log_file})"}
+        return {**row, "status": f"failed (exit {code}, log {log_file})"}, None
     try:
-        prediction, geometry = read_image(output)
-        truth, _ = read_image(label)
+        scores = score_lesions(output, label)
     except InputError as error:
-        return {**row, "status": f"failed ({error})"}
-    if prediction.shape != truth.shape:
-        return {**row, "status": f"failed (shape {prediction.shape} != label {truth.shape})"}
-    scores = autopet_scores(prediction, truth, geometry.spacing)
-    return {**row, "status": "ok", **{k: f"{v:.4f}" for k, v in scores.items()}}
+        return {**row, "status": f"failed ({error})"}, None
+    values = {field: f"{getattr(scores, field):.4f}" for field in LesionScores.__dataclass_fields__}
+    return {**row, "status": "ok", **values}, scores
 
 
 def score_dataset(work: Path, config_path: Path, csv_path: Path) -> bool:
-    """Score every study of ``work/studies.tsv``; write ``csv_path``, print a summary; True when all ran."""
+    """Score every study of ``work/studies.tsv``; write ``csv_path``, print the summary; True when all were scored."""
     output_socket = sockets_of(json.loads(config_path.read_text()), config_path).output
     with (work / "studies.tsv").open() as handle:
-        studies = [line for line in csv.reader(handle, delimiter="\t")]
-    rows = [score_study(work, name, Path(label), output_socket) for name, _, label in studies]
+        studies = list(csv.reader(handle, delimiter="\t"))
+    results = [score_study(work, name, Path(label), output_socket) for name, _, label in studies]
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
-    scored = [r for r in rows if r["status"] == "ok"]
-    for row in rows:
-        if row["status"] != "ok":
+        writer.writerows(row for row, _ in results)
+    for row, scores in results:
+        if scores is None:
             print(f"FAILED {row['study']}: {row['status']}")
-    print(f"{len(scored)}/{len(rows)} studies scored; per study: {csv_path}")
+    scored = {row["study"]: scores for row, scores in results if scores is not None}
+    print(f"{len(scored)}/{len(results)} studies scored; per study: {csv_path}")
     if scored:
-        mean = {k: np.nanmean([float(r[k]) for r in scored]) for k in CSV_FIELDS[2:5]}
-        print(f"mean Dice {mean['dice']:.4f} (lesion studies)  false positive volume {mean['false_positive_ml']:.2f} ml  "
-              f"false negative volume {mean['false_negative_ml']:.2f} ml")  # fmt: skip
-    return len(scored) == len(rows)
+        summary = summarize_scores(scored)
+        print(
+            f"mean Dice {summary['dice']:.4f} ({summary['studies_with_lesions']:.0f} studies with lesions), "
+            f"false positive volume {summary['false_positive_volume_ml']:.2f} ml (all studies), "
+            f"false negative volume {summary['false_negative_volume_ml']:.2f} ml (studies with lesions)"
+        )
+    return len(scored) == len(results)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -430,8 +406,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     outputs.add_argument("--reference", type=Path, required=True, help="the library's outputs for the same cases")
     outputs.add_argument("--labels", type=Path, required=True, help="ground truth label maps, named by case")
     outputs.add_argument("--max-mismatch", type=float, default=0.0, help="fraction of voxels allowed to differ")
-    gc_input = commands.add_parser("gc-input", help="a flat folder of cases in the Grand Challenge layout")
-    gc_input.add_argument("flat", type=Path)
+    gc_input = commands.add_parser("gc-input", help="cases rewritten as one Grand Challenge job input")
+    gc_input.add_argument("source", type=Path, help="flat folder or Grand Challenge layout")
     gc_input.add_argument("target", type=Path)
     gc_input.add_argument("--config", type=Path, required=True)
     hashing = commands.add_parser("fingerprint", help="hash of the library, options and files (reference cache key)")
@@ -464,8 +440,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.check == "fixture-args":
         print(" ".join(task(args.name).extra_args))
     elif args.check == "gc-input":
-        for path in write_grand_challenge_input(args.flat, args.target, args.config):
-            print(path)
+        print(write_grand_challenge_input(args.source, args.target, args.config))
     elif args.check == "autopet-dataset":
         for folder in write_autopet_dataset(args.root, args.studies, args.seed):
             print(folder)

@@ -4,12 +4,13 @@ dtype they fit.
 Grand Challenge's GPU instance has a T4 (16 GB) and 15 GiB of RAM for the container; exceeding the RAM kills the
 container (exit code 137) and the case is lost. Before predicting a case, :func:`plan_amos` or :func:`plan_autopet`
 models the memory its pipeline will use for the case's size, number of classes and configuration, and picks the
-first :class:`Choice` that fits both budgets, in this order of preference:
+first :class:`Choice` that fits both budgets, in this order of preference (results first, then speed):
 
-1. the tiling accumulator on the device (else on the host, the tiles still running on the device);
-2. the ensemble accumulator on the device (AMOS; else on the host);
-3. float32 accumulators (else float16);
-4. the configured number of tiles per forward pass (else half as many, down to one).
+1. float32 accumulators, else 16-bit ones (:data:`REDUCED_DTYPE`);
+2. the tiling accumulator on the device, else on the host (the tiles still run on the device; nnU-Net v1 itself
+   accumulated on the host);
+3. the ensemble accumulator on the device (AMOS), else on the host;
+4. the configured number of tiles per forward pass, else half as many, down to one.
 
 A case that fits no choice raises :class:`MemoryPlanError` (an ``InputError``: the runner reports the case as
 failed and goes on with the others) before any prediction work.
@@ -38,7 +39,7 @@ import os
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -64,10 +65,13 @@ NNUNET_CROP_PER_VOXEL = 32
 """``ImageCropper.crop``: float32 copy, the mask and its hole filling, and the three int64 arrays of ``np.where``."""
 NNUNET_CROPPED_PER_VOXEL = 12
 """What a crop keeps: float32 image and the non-zero mask as int64 "segmentation" (-1 outside)."""
-NNUNET_PREPROCESS_PER_VOXEL = (40, 24)
-"""(per Nc, per Nt) of ``resample_and_normalize`` with 3D resampling: float64 copies, spline prefilters, outputs."""
-NNUNET_PREPROCESS_SEPARATE_Z_PER_VOXEL = (16, 76)
+NNUNET_PREPROCESS_PER_VOXEL = ((42, 10), (22, 32))
+"""``Configuration.preprocess`` with 3D resampling: the largest of these (per Nc, per Nt) forms (float64 copies of the
+image and of the int64 mask, spline prefilters, outputs), plus :data:`NNUNET_PREPROCESS_FIXED`. Measured peaks:
+7.06 GB (Nc 157 M, Nt 126 M) and 6.68 GB (Nc 157 M, Nt 80 M) at full size, 150-690 MB at 2-8 M voxels."""
+NNUNET_PREPROCESS_SEPARATE_Z_PER_VOXEL = ((42, 10), (16, 76))
 """The same with separate-z resampling, whose ``map_coordinates`` step builds int64 and float64 grids of Nt."""
+NNUNET_PREPROCESS_FIXED = 32 * 2**20
 NNUNET_SEPARATE_Z_THRESHOLD = 3.0
 """nnU-Net v1's ``RESAMPLING_SEPARATE_Z_ANISO_THRESHOLD``: max/min spacing above which z is resampled apart."""
 NNUNET_NO_SEPARATE_Z = ("Preprocessor3DBetterResampling",)
@@ -76,6 +80,9 @@ POSTPROCESS_PER_VOXEL = 8
 """Organ-wise post-processing on the host: a mask and its component labels per organ, bounding-box copies."""
 WRITE_PER_VOXEL = 2
 """``write_label_map``: the SimpleITK image and the compression buffer."""
+REDUCED_DTYPE = torch.bfloat16
+"""The 16-bit accumulator dtype. Not float16: nnU-Net's Gaussian weights fall to ~e^-24 at a tile's corner, which
+float16 flushes to 0, so that the volume's corners divide 0 by 0 (NaN) and its edges lose all precision."""
 GRID_SAMPLE_BYTES = (1 << 24) * 16
 """``gcinfer.spatial.resample``: one slab of ``MAX_GRID_VOXELS`` sampling coordinates (3 x float32) and samples."""
 
@@ -226,7 +233,7 @@ class Choice:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
 def candidates(tile_batch_size: int, ensemble: bool = True) -> list[Choice]:
@@ -241,8 +248,8 @@ def candidates(tile_batch_size: int, ensemble: bool = True) -> list[Choice]:
     placements = ((True, True), (True, False), (False, False)) if ensemble else ((True, True), (False, False))
     return [
         Choice(dtype, tiling, ensemble_on_device, batch)
+        for dtype in (torch.float32, REDUCED_DTYPE)
         for tiling, ensemble_on_device in placements
-        for dtype in (torch.float32, torch.float16)
         for batch in batches
     ]
 
@@ -265,6 +272,11 @@ class Plan:
     def ensemble_device(self) -> torch.device:
         return self.device if self.choice.ensemble_on_device else torch.device("cpu")
 
+    def tiling_options(self) -> dict:
+        """The :func:`gcinfer.tiling.predict_tiled` keyword arguments of this plan (batch, dtype, result device)."""
+        return {"tile_batch_size": self.choice.tile_batch_size, "accumulate_dtype": self.choice.tiling_dtype,
+                "result_device": self.tiling_device}  # fmt: skip
+
     def line(self) -> str:
         """One log line: ``case: memory plan: tiling fp32 on cuda, ... | cuda 9.1/13.6 GiB (predict 2) | host ...``."""
         e, b = self.estimate, self.budget
@@ -274,25 +286,24 @@ class Plan:
 
 
 def choose(
-    case: str, phases_of: Callable[[Choice], Sequence[Phase]], choices: Iterable[Choice], budget: Budget,
+    case: str, phases_of: Callable[[Choice], Sequence[Phase]], choices: Sequence[Choice], budget: Budget,
     device: torch.device,
 ) -> Plan:
     """The first of ``choices`` whose phases fit ``budget``.
 
     Raises:
-        MemoryPlanError: none fits; names ``case`` and what the leanest choice needs against the budget.
+        MemoryPlanError: none fits; names ``case`` and what the last (leanest on the device) choice needs against
+            the budget.
     """
-    choices = list(choices)
-    estimates = [estimate(phases_of(c), budget.shared) for c in choices]
-    for choice, guess in zip(choices, estimates):
+    for choice in choices:
+        guess = estimate(phases_of(choice), budget.shared)
         if guess.fits(budget):
             return Plan(case, choice, guess, budget, device)
-    leanest = min(zip(choices, estimates), key=lambda ce: ce[1].host + ce[1].device)
-    needs = [f"{leanest[1].host / GIB:.1f} GiB of host memory ({budget.host / GIB:.1f} GiB available)"]
+    needs = [f"{guess.host / GIB:.1f} GiB of host memory ({budget.host / GIB:.1f} GiB available)"]
     if not budget.shared:
-        needs.insert(0, f"{leanest[1].device / GIB:.1f} GiB on {device} ({budget.device / GIB:.1f} GiB available)")
+        needs.insert(0, f"{guess.device / GIB:.1f} GiB on {device} ({budget.device / GIB:.1f} GiB available)")
     raise MemoryPlanError(
-        f"{case}: too large for this machine's memory: even with {leanest[0].describe(device)} it needs "
+        f"{case}: too large for this machine's memory: even with {choice.describe(device)} it needs "
         + " and ".join(needs)
     )
 
@@ -326,10 +337,14 @@ class _LiveTensorBytes(TorchDispatchMode):
             del self.live[key]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
-                self._track(tensor)
+                key = tensor.untyped_storage()._cdata
+                if key in self.live or key not in inputs:  # not a view of (or the same as) a tensor made before
+                    self._track(tensor)
         return out
 
 
@@ -382,12 +397,14 @@ def network_cost(network: torch.nn.Module, tile_shape: Sequence[int], compute_dt
 
 @dataclass(frozen=True)
 class Tiling:
-    """One call of :func:`gcinfer.tiling.predict_tiled`: its input grid, patch, classes and channels."""
+    """One call of :func:`gcinfer.tiling.predict_tiled`: its input grid, patch, classes, channels, and whether it
+    mirrors (which holds more tile buffers at once)."""
 
     shape: tuple[int, int, int]
     patch_size: tuple[int, int, int]
     num_classes: int
     channels: int = 1
+    mirrored: bool = False
 
     @property
     def voxels(self) -> int:
@@ -410,10 +427,12 @@ def tiling_phases(
 
     Predicting: the input on the device (and its zero-padded copy when smaller than the patch), the accumulator
     ``(K, *padded)`` and the importance sum ``(1, *padded)`` in the tiling dtype where the choice puts them, the
-    Gaussian map, one tile batch's buffers (input and its flip, ``(B, K, *patch)`` float32 prediction, softmax,
-    flip sum and total), its copy to the host when accumulating there, and the network's forward pass.
-    Returning: the accumulator, the importance sum and the cropped or cast result ``(K, *shape)`` in
-    ``result_dtype`` (no copy when neither cropped nor cast).
+    Gaussian map, the tile buffers, the prediction's copy to the host when accumulating there, and the network's
+    forward pass (its output included). Tile buffers: ``(B, C, *patch)`` the batch and the next one while it is
+    stacked, and with mirroring the flipped batch; ``(B, K, *patch)`` float32 the previous batch's prediction (still
+    referenced), the softmax and the weighted copy, and with mirroring the flip sum, its flip back and the total.
+    Returning: the accumulator, the importance sum, the last batch and its prediction, and the cropped or cast
+    result ``(K, *shape)`` in ``result_dtype`` (no copy when neither cropped nor cast).
     """
     k, c, patch = tiling.num_classes, tiling.channels, math.prod(tiling.patch_size)
     batch, acc_bytes, on = choice.tile_batch_size, choice.tiling_dtype.itemsize, choice.tiling_on_device
@@ -425,15 +444,23 @@ def tiling_phases(
         Buffer("importance sum", acc_bytes * tiling.padded_voxels, on),
         Buffer("weights", weights_on_device, True),
     ]
-    predicting = [
+    tiles = (3 * c + 5 * k) if tiling.mirrored else (2 * c + 3 * k)
+    last = [
         Buffer("gaussian", 4 * patch, on),
-        Buffer("tile batch", 4 * batch * patch * (2 * c + 4 * k), True),
         Buffer("tile predictions on host", 0 if on else 4 * batch * patch * k, False),
+    ]
+    predicting = [
+        *last,
+        Buffer("tile buffers", 4 * batch * patch * tiles, True),
         Buffer("forward pass", network.forward(batch), True),
     ]
     copied = tiling.padded or result_dtype != choice.tiling_dtype
-    result = Buffer("tiling result", result_dtype.itemsize * k * tiling.voxels if copied else 0, on)
-    return [Phase("predict", tuple(common + predicting)), Phase("predict end", (*common, result))]
+    returning = [
+        *last,
+        Buffer("last tile batch", 4 * batch * patch * (c + k), True),
+        Buffer("tiling result", result_dtype.itemsize * k * tiling.voxels if copied else 0, on),
+    ]
+    return [Phase("predict", tuple(common + predicting)), Phase("predict end", tuple(common + returning))]
 
 
 def _numbered(phases: Sequence[Phase], suffix: str) -> list[Phase]:
@@ -480,14 +507,16 @@ class AmosCase:
     @classmethod
     def of(
         cls, image_shape: Sequence[int], image_itemsize: int, spacing_zyx: Sequence[float],
-        configurations: Sequence[nnunet_v1.Configuration], costs: Sequence[NetworkCost], device: torch.device,
+        configurations: Sequence[nnunet_v1.Configuration], costs: Sequence[NetworkCost], mirrored: bool,
+        device: torch.device,
     ) -> AmosCase:
-        """From the image's shape, pixel size and spacing and the restored configurations (with their
-        :func:`amos_network_costs`), the network input shapes as nnU-Net v1's preprocessing gives them."""
+        """From the image's shape, pixel size and spacing, the restored configurations (with their
+        :func:`amos_network_costs`) and whether tiles are mirrored; network input shapes as nnU-Net v1's
+        preprocessing gives them."""
         models = tuple(
             AmosConfiguration(
                 Tiling(nnunet_network_shape(image_shape, spacing_zyx, c.target_spacing, c.transpose_forward),
-                       tuple(c.patch_size), c.num_classes),
+                       tuple(c.patch_size), c.num_classes, 1, mirrored),
                 nnunet_separate_z(type(c.preprocessor), spacing_zyx, c.target_spacing),
                 cost,
                 len(c.networks),
@@ -523,10 +552,9 @@ def nnunet_separate_z(preprocessor_class: type, spacing_zyx: Sequence[float], ta
 
 
 def _preprocess_bytes(cropped: int, configuration: AmosConfiguration) -> int:
-    per_crop, per_input = (
-        NNUNET_PREPROCESS_SEPARATE_Z_PER_VOXEL if configuration.separate_z else NNUNET_PREPROCESS_PER_VOXEL
-    )
-    return per_crop * cropped + per_input * configuration.tiling.voxels
+    forms = NNUNET_PREPROCESS_SEPARATE_Z_PER_VOXEL if configuration.separate_z else NNUNET_PREPROCESS_PER_VOXEL
+    per_voxel = max(per_crop * cropped + per_input * configuration.tiling.voxels for per_crop, per_input in forms)
+    return per_voxel + NNUNET_PREPROCESS_FIXED
 
 
 def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:

@@ -34,6 +34,7 @@ import io
 import logging
 import os
 import pickle
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ def quiet() -> Iterator[None]:
         yield
 
 
-with quiet():
+with quiet(), warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # nnU-Net v1 imports scipy.ndimage.filters
     import nnunet
     from nnunet.preprocessing.cropping import ImageCropper
     from nnunet.training.model_restore import recursive_find_python_class
@@ -136,7 +138,7 @@ def crop(channels: np.ndarray, geometry: Geometry) -> Cropped:
     return Cropped(data, seg, properties)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Configuration:
     """One restored nnU-Net v1 configuration: the networks of its selected folds and its preprocessing.
 
