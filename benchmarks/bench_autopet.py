@@ -11,6 +11,7 @@ Both use the fixture's two-fold model (vote) and the same configuration. Cases:
   instead of 0.75 keeps the CPU time of the network reasonable.
 
     python benchmarks/bench_autopet.py --fixtures .cache/fixtures [--cases fixture fine] [--repeat 2]
+    python benchmarks/run_all.py --fixtures .cache/fixtures autopet      (``make bench`` runs it with the others)
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def run(fixtures: Path, cases: list[str], repeat: int = 1) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fixtures", type=Path, default=Path(".cache/fixtures"))
+    parser.add_argument("--fixtures", type=Path, default=Path(os.environ.get("GCINFER_FIXTURES", ".cache/fixtures")))
     parser.add_argument("--cases", nargs="+", choices=tuple(CASE_OVERRIDES), default=list(CASE_OVERRIDES))
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; best time, largest peak RSS")
     args = parser.parse_args(argv)

@@ -232,8 +232,8 @@ def run_autopet(work: Path) -> dict:
 
 
 def cpu_plan(plan_for) -> dict:
-    """The planner's plan for this CPU run under a 15 GiB limit (what the container would have)."""
-    budget = memory.Budget.detect(torch.device("cpu"), host_bytes=LIMIT_BYTES - status_bytes("VmRSS"))
+    """The planner's plan for this CPU run, under the address-space limit that stands for the container's."""
+    budget = memory.Budget.detect(torch.device("cpu"))
     try:
         plan = plan_for(budget)
     except memory.MemoryPlanError as error:

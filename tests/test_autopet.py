@@ -103,6 +103,12 @@ def test_end_to_end_lesion_dice_and_output_files(pipeline_output, autopet, pets)
 
 
 def test_parity_with_monai_chain_on_oblique_pet(pipeline_output, oblique_pet, networks, settings):
+    """gcinfer vs MONAI's LoadImaged -> ... -> Invertd -> argmax -> VoteEnsembled on the same weights, CPU fp32.
+
+    MONAI's ITKReader needs the ``itk`` package, not installed here; the reference loads the .mha through a MONAI
+    ``ImageReader`` built on SimpleITK with ITKReader's conventions (see :mod:`gcinfer.autopet_reference` for why a
+    NIfTI copy + NibabelReader is not equivalent on an oblique image).
+    """
     ours, _ = read_image(pipeline_output[1] / "images" / OUTPUT_SOCKET / oblique_pet.name)
     reference = monai_segment(oblique_pet, networks, settings)
     assert reference.sum() > 100

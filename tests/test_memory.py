@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import resource
 import warnings
 
 import numpy as np
@@ -61,6 +62,17 @@ def test_cpu_budget_is_shared_and_counts_what_the_process_holds() -> None:
     assert abs(budget.host - expected) < 64 * 2**20
     held = memory.Budget.detect(CPU, held_bytes=GIB)
     assert abs(held.host - budget.host - GIB) < 64 * 2**20
+
+
+def test_address_space_limit_bounds_the_host_budget() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = memory._status_bytes("VmSize")
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + 3 * GIB, hard))
+        budget = memory.Budget.detect(CPU, held_bytes=GIB)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert abs(budget.host - (4 * GIB - memory.HOST_MARGIN_BYTES)) < 64 * 2**20
 
 
 def test_explicit_device_budget_keeps_a_margin() -> None:

@@ -26,7 +26,8 @@ the measured peak RSS of full-size cases). Network weights and activations come 
 runs the network once on the ``meta`` device (no memory, no compute) and records the live tensor bytes.
 
 Budgets (:class:`Budget`): the host's is the cgroup memory limit when there is one (the container's ``--memory``),
-else the physical memory, minus what the process already holds (weights, libraries) and a margin; the device's is
+else the physical memory, minus what the process already holds (weights, libraries) and a margin, and at most the
+address space ``ulimit -v`` leaves; the device's is
 its free memory plus PyTorch's cached free blocks, minus a margin for cuDNN workspaces and fragmentation. Tests and
 the benchmark pass budgets explicitly, e.g. :data:`T4_FREE_BYTES`.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import resource
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,13 +120,21 @@ def host_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
     return physical
 
 
+def _status_bytes(field: str) -> int:
+    """A size field of ``/proc/self/status`` (``VmRSS``, ``VmSize``) in bytes."""
+    with open("/proc/self/status") as status:
+        return next((int(line.split()[1]) * 1024 for line in status if line.startswith(f"{field}:")), 0)
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process (``VmRSS``)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmRSS")
+
+
+def address_space_left_bytes() -> int | None:
+    """Address space this process may still map under ``RLIMIT_AS`` (``ulimit -v``); None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft - _status_bytes("VmSize")
 
 
 def device_free_bytes(device: torch.device) -> int | None:
@@ -158,7 +168,8 @@ class Budget:
             device_bytes, host_bytes: override the detection (before the margins), e.g. :data:`T4_FREE_BYTES`.
         """
         if host_bytes is None:
-            host_bytes = host_limit_bytes() - (rss_bytes() - held_bytes) - HOST_MARGIN_BYTES
+            left = [host_limit_bytes() - rss_bytes(), address_space_left_bytes()]
+            host_bytes = min(x for x in left if x is not None) + held_bytes - HOST_MARGIN_BYTES
         if device_bytes is None:
             device_bytes = device_free_bytes(device)
         if device_bytes is not None:

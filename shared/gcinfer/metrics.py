@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     scores = {name: score_study(prediction, label) for name, prediction, label in pairs}
     write_scores_csv(args.csv, scores)
     for name, s in scores.items():
-        print(f"{name}: Dice {s.dice:.4f}  FP volume {s.false_positive_ml:.3f} ml  FN volume {s.false_negative_ml:.3f} ml")
+        print(f"{name}: Dice {s.dice:.4f}  FP volume {s.false_positive_ml:.3f} ml  "
+              f"FN volume {s.false_negative_ml:.3f} ml")
     summary = summarize_scores(scores)
     print(
         f"AutoPET II over {int(summary['studies'])} studies ({int(summary['studies_with_lesions'])} with lesions): "

@@ -4,12 +4,12 @@ A results folder for one task holds one sub-folder per configuration, named ``<T
 ``fold_<k>/model_final_checkpoint.model`` (weights) and ``fold_<k>/model_final_checkpoint.model.pkl`` (trainer
 class name, its init arguments, the plans). A configuration is restored as nnU-Net's
 ``load_model_and_checkpoint_files`` does (trainer class found by name in ``nnunet.training.network_training``,
-built from the init arguments of the first selected fold's ``.model.pkl``, hence the stage, then
-``process_plans`` + ``initialize(False)``), with these differences:
+built from the init arguments of the first selected fold's ``.model.pkl``, hence the stage; the stored plans; the
+trainer's own network), with these differences:
 
-- nothing is written: nnU-Net points the trainer at ``<folder>/fold_0`` (creating it when missing) and may
-  create a training log there; here the trainer's folders are the existing configuration folder and its log is
-  ``os.devnull``, so a read-only model folder works;
+- nothing is written: nnU-Net's ``initialize`` creates ``<folder>/fold_0`` when missing and the trainer may log
+  into it; here only the parts of ``initialize`` that build the network run and the log is ``os.devnull``, so a
+  read-only model folder works (see :func:`_restore_trainer`);
 - each selected fold gets its own copy of the network, loaded once per run and kept on the host; a
   configuration's networks are moved to the device only while it predicts (:meth:`Configuration.networks_on`);
 - checkpoints load with ``torch.load(weights_only=True)`` and the numpy globals they hold allow-listed
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import io
 import logging
 import os
@@ -261,7 +260,7 @@ def restore_configuration(folder: Path, folds: Sequence[int], checkpoint: str = 
     """Restore one configuration folder (see the module docstring) with one network per fold in ``folds``."""
     files = [folder / f"fold_{fold}" / f"{checkpoint}.model" for fold in folds]
     pkl_path = files[0].with_name(files[0].name + ".pkl")
-    trainer = _restore_trainer(pkl_path, folder)
+    trainer = _restore_trainer(pkl_path)
     template = trainer.network.cpu()
     networks = [template, *(copy.deepcopy(template) for _ in folds[1:])]
     for network, path in zip(networks, files):
@@ -351,28 +350,27 @@ def _cudnn_flags_kept() -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
-def _restore_trainer(pkl_path: Path, folder: Path) -> nnUNetTrainer:
-    """An initialised trainer (network built, no training data) from a ``.model.pkl``, writing nothing.
+def _restore_trainer(pkl_path: Path) -> nnUNetTrainer:
+    """A trainer with its plans processed and its network built, from a ``.model.pkl``, writing nothing.
 
-    The stored init arguments are used as they are (stage, fp16, ...) except the output and dataset folders,
-    which point to ``folder`` (the stored ones are the training machine's).
+    As ``restore_model`` + ``initialize(False)``: the trainer class called ``name``, built from the stored init
+    arguments (hence the stage), then ``process_plans`` of the stored plans, ``setup_DA_params`` (test-time mirror
+    axes) and ``initialize_network``. The rest of ``initialize`` is left out: it creates the output folder (the
+    training machine's path, or the model folder), wraps the training loss and builds the optimizer (whose first
+    construction imports ``torch._dynamo``, seconds for nothing). The trainer's log goes to ``os.devnull``.
     """
     info = _load_pickle(pkl_path)
     trainer_class = _trainer_class(str(info["name"]), pkl_path)
-    try:
-        arguments = inspect.signature(trainer_class).bind(*info["init"])
-    except TypeError as error:
-        raise InputError(f"{pkl_path}: init arguments do not fit {info['name']} ({error})") from None
-    arguments.arguments.update(output_folder=str(folder), dataset_directory=str(folder))
     with quiet(), _cudnn_flags_kept():
-        trainer = trainer_class(*arguments.args, **arguments.kwargs)
-        trainer.output_folder = trainer.output_folder_base = str(folder)
-        trainer.log_file = os.devnull
         try:
+            trainer = trainer_class(*info["init"])
+            trainer.log_file = os.devnull
             trainer.process_plans(info["plans"])
-            trainer.initialize(False)
-        except (KeyError, AssertionError, TypeError, ValueError) as error:
-            raise InputError(f"{pkl_path}: cannot build {info['name']} from its plans ({error!r})") from None
+            trainer.setup_DA_params()
+            trainer.initialize_network()
+        except (KeyError, IndexError, AssertionError, TypeError, ValueError) as error:
+            raise InputError(f"{pkl_path}: cannot build {info['name']} from its init arguments and plans "
+                             f"({error!r})") from None  # fmt: skip
     if not trainer.threeD:
         raise InputError(f"{pkl_path}: a 2D configuration; only 3D configurations are supported")
     if getattr(trainer, "regions_class_order", None) is not None:
