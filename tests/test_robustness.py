@@ -381,7 +381,9 @@ def run_rows() -> list[Row]:
             r"cannot write output \((Read-only file system|Permission denied)\)", test=here(output, "read-only-output"),
             pipeline="AutoPET"),
         Row("full-output", "full output folder (file size limit reached)", "refused", r"cannot write output",
-            test=here(output, "full-output"), pipeline="AutoPET"),
+            test=here(output, "full-output"), pipeline="AutoPET",
+            known_bug="gcinfer.io.write_label_map renames a truncated file into place: SimpleITK does not report "
+            "the failed write of a small compressed label map"),
     ]  # fmt: skip
 
 
@@ -677,9 +679,12 @@ def read_only(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("row_id", ["read-only-output", "full-output"])
-def test_unwritable_output(row_id: str, fixtures_dir: Path, autopet_clean: Clean, tmp_path: Path) -> None:
+def test_unwritable_output(
+    row_id: str, fixtures_dir: Path, autopet_clean: Clean, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """The AutoPET pipeline on its clean pair with an output folder it cannot write: read-only, or full (a file
     size limit)."""
+    expect(run_row(row_id), request)
     next(r for r in ROWS["autopet2"] if r.id == "clean").make(tmp_path / "in", autopet_clean, "clean")
     output = tmp_path / "out"
     output.mkdir()
