@@ -25,6 +25,9 @@ demo: fixtures
 test: install
 	$(VENV)/bin/pytest -q tests
 
+container-test: fixtures
+	containers/container-test.sh --fixtures $(CACHE)/fixtures
+
 bench: fixtures
 	$(PY) benchmarks/run_all.py --fixtures $(CACHE)/fixtures
 

@@ -4,8 +4,9 @@
 # Usage: ./test.sh [NAME...] [--local] [--no-build] [--fixtures DIR] [--keep]
 #   NAME        amos_task1, amos_task2, autopet2 (default: all)
 #   --local     run the same entry points (docker/<name>/run_inference.py) on the host, no container engine
+#               (the grand-challenge runs only)
 #   --no-build  test the images as they are (default: ./build.sh NAME... first)
-#   --fixtures  test inputs and models (default .cache/fixtures; made or refreshed by `gcinfer make-fixtures`)
+#   --fixtures  test inputs and models (default .cache/fixtures; made by `gcinfer make-fixtures` when missing)
 #   --keep      keep the work folder .cache/test-sh (inputs, outputs, logs); default: removed when all pass
 #
 # Runs (per image):
@@ -38,8 +39,11 @@ record() {
     [[ $3 == pass ]] || FAILED=1
 }
 
-# the fixtures, made or refreshed by `gcinfer make-fixtures` (at once when its stamp is current)
+# the fixtures, made by `gcinfer make-fixtures` unless a complete set is there (its .stamp; `make fixtures`
+# refreshes them when the fixture code changed)
 ensure_fixtures() {
+    [[ -f $FIXTURES/.stamp ]] && return 0
+    log "making the fixtures in $FIXTURES (gcinfer make-fixtures --seed 0; a few minutes)"
     "$PY" -m gcinfer.cli --quiet make-fixtures "$FIXTURES" --seed 0
 }
 
@@ -101,11 +105,6 @@ run_grand_challenge() {
 # run_workspace NAME INPUT OUTPUT MODEL LOG: no arguments, as the AMOS organisers ran it
 run_workspace() {
     local name=$1 input=$2 output=$3 model=$4 logfile=$5
-    if [[ $LOCAL -eq 1 ]]; then
-        (cd "$ROOT/docker/$name" && GC_INPUT=$input GC_OUTPUT=$output GC_MODEL=$model "$PY" run_inference.py) \
-            >"$logfile" 2>&1
-        return
-    fi
     "$ENGINE" run --rm --platform linux/amd64 --user root "${GC_FLAGS[@]}" "${GPU[@]}" \
         --volume "$input:/workspace/input:ro" --volume "$output:/workspace/output" \
         --volume "$model:/opt/ml/model:ro" --mount type=volume,destination=/tmp \
@@ -170,7 +169,8 @@ test_image() {
         run_grand_challenge "$name" "$input" "$dir/gc-output" "$fixture/model" "$dir/gc.log" "${args[@]}"; then
         check_run "$name" grand-challenge "${ELAPSED}s" "$input" "$dir/gc-output" "$reference"
     fi
-    [[ $name == amos_* ]] || return 0
+    # the workspace run needs /workspace, i.e. a container (its defaults are unit-tested in tests/test_scripts.py)
+    [[ $name == amos_* && $LOCAL -eq 0 ]] || return 0
     log "$name: workspace run (no arguments, as root, five folds, first case)"
     local first
     first=$(find "$fixture/input" -maxdepth 1 -name '*.nii.gz' | sort | head -n 1)

@@ -100,7 +100,7 @@ def make_inputs(work: Path) -> None:
         write_image(ct_dir / "case.mha", ct, (1.5234375, 1.5234375, 3.0))
 
 
-# --- networks: stand-ins for the CPU run, real architectures for the T4 estimates -----------------------------------
+# --- networks: stand-ins for the CPU run, real architectures for the T4 estimates -------------------------------------
 
 
 class Pointwise(nn.Module):
@@ -183,8 +183,10 @@ def run_amos(work: Path, configuration_count: int) -> dict:
 
     config = amos_config()
     configurations = amos_configurations([stand_in(1, AMOS_CLASSES) for _ in AMOS_CONFIGURATIONS])[:configuration_count]
-    settings = amos.Settings(Sockets(("ct-image",), "seg"), tuple(c.name for c in configurations), (0,),
-                             "model_final_checkpoint", 1.0, (), int(config["tile_batch_size"]), config["postprocessing"])  # fmt: skip
+    settings = amos.Settings(
+        Sockets(("ct-image",), "seg"), tuple(c.name for c in configurations), (0,), "model_final_checkpoint", 1.0, (),
+        int(config["tile_batch_size"]), config["postprocessing"],
+    )  # fmt: skip
     cpu = torch.device("cpu")
     costs = memory.amos_network_costs(configurations, cpu)
     integrated = "network_costs" in inspect.signature(amos.Pipeline).parameters
@@ -238,7 +240,7 @@ def run_autopet(work: Path) -> dict:
     return {"seconds": time.perf_counter() - start, **plan, **check_output(case.output, inputs["pet"])}
 
 
-# --- measuring ----------------------------------------------------------------------------------------------------------
+# --- measuring --------------------------------------------------------------------------------------------------------
 
 
 def cpu_plan(plan_for) -> dict:

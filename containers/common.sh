@@ -19,6 +19,11 @@ select_engine() {
         ENGINE=docker
     elif command -v podman >/dev/null 2>&1; then
         ENGINE=podman
+        # the configuration and storage of containers/setup-podman.sh, when it ran and nothing else is chosen
+        local state=${GCINFER_PODMAN_DIR:-/var/tmp/gcinfer-podman}
+        if [[ -z ${CONTAINERS_CONF:-} && -f $state/containers.conf ]]; then
+            export CONTAINERS_CONF=$state/containers.conf CONTAINERS_STORAGE_CONF=$state/storage.conf
+        fi
         log "no Docker engine answers: using podman"
     else
         die "no container engine: neither a Docker engine answers nor podman is installed (on Debian: eval \"\$(containers/setup-podman.sh)\")"

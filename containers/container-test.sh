@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make container-test`: build the three images from their Dockerfiles, run them with Grand Challenge's flags,
-# export them, and check that every archive loads. Works on a Docker host and on a host without one (Debian:
+# `make container-test`: build the three images from their Dockerfiles, run them with Grand Challenge's flags
+# (./test.sh, and ./test_autopet.sh on a generated 3-study dataset), export them, and check that every archive loads. Works on a Docker host and on a host without one (Debian:
 # podman, set up by containers/setup-podman.sh, with a CPU stand-in for the base image, which cannot be pulled).
 #
 # Usage: containers/container-test.sh [--fixtures DIR]     (the fixtures are made by `make fixtures`)
@@ -43,9 +43,17 @@ setup_engine() {
     fi
 }
 
+# the AutoPET image scored study by study on a generated 3-study AutoPET NIfTI dataset
+test_autopet() {
+    local dataset=$ROOT/.cache/autopet-dataset
+    rm -rf "$dataset"
+    "$PY" -m gcinfer.checks autopet-dataset "$dataset" --studies 3 --seed 0 >/dev/null
+    "$ROOT/test_autopet.sh" "$dataset" --no-build --jobs 2 --model "$FIXTURES/autopet2/model"
+}
+
 # every dist/<tag>.tar.gz loads and yields the image that was built; every model tarball lists its files
 check_archives() {
-    local name tag built loaded
+    local name tag built loaded files
     UNZIP=(gunzip -c)
     command -v pigz >/dev/null && UNZIP=(pigz -dc)
     for name in "${NAMES[@]}"; do
@@ -55,9 +63,9 @@ check_archives() {
             || { cat "$ROOT/dist/.load.log" >&2; die "dist/$tag.tar.gz does not load"; }
         loaded=$(docker image inspect --format '{{.Id}}' "$tag")
         [[ $loaded == "$built" ]] || die "dist/$tag.tar.gz loads as $loaded, not the built image $built"
-        tar -tzf "$ROOT/dist/$name-model.tar.gz" | grep -q . || die "dist/$name-model.tar.gz is empty"
-        log "dist/$tag.tar.gz loads as $tag (${built:0:12}); dist/$name-model.tar.gz lists $(tar -tzf \
-            "$ROOT/dist/$name-model.tar.gz" | grep -vc '/$') file(s)"
+        files=$(tar -tzf "$ROOT/dist/$name-model.tar.gz" | grep -vc '/$' || true)
+        [[ $files -gt 0 ]] || die "dist/$name-model.tar.gz holds no file"
+        log "dist/$tag.tar.gz loads as $tag (${built:0:12}); dist/$name-model.tar.gz holds $files file(s)"
     done
     rm -f "$ROOT/dist/.load.log"
 }
@@ -74,6 +82,7 @@ main() {
     [[ $STAND_IN -eq 0 ]] || phase "stand-in base image" "$ROOT/containers/make-base-image.sh"
     phase "./build.sh" "$ROOT/build.sh"
     phase "./test.sh --no-build" "$ROOT/test.sh" --no-build --fixtures "$FIXTURES"
+    phase "./test_autopet.sh (3 studies)" test_autopet
     phase "./export.sh --no-build" "$ROOT/export.sh" --no-build --models "$FIXTURES"
     phase "archives load" check_archives
     docker image prune --force >/dev/null

@@ -45,7 +45,8 @@ make_rootfs() {
         bookworm "$rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
         || { tail -n 20 "$WORK/debootstrap.log" >&2; die "debootstrap failed (log: $WORK/debootstrap.log)"; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar --numeric-owner -C "$rootfs" -c . | docker import - gcinfer-stand-in-rootfs:bookworm >/dev/null
+    tar --numeric-owner -C "$rootfs" -c . | docker import - gcinfer-stand-in-rootfs:bookworm >"$WORK/import.log" 2>&1 \
+        || { cat "$WORK/import.log" >&2; die "cannot import the root file system"; }
     rm -rf "$rootfs"
 }
 

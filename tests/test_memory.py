@@ -34,7 +34,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 FP32, BF16 = torch.float32, torch.bfloat16
 
 
-# --- limits and budgets -------------------------------------------------------------------------------------------
+# --- limits and budgets -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_cpu_budget_is_shared_and_counts_what_the_process_holds() -> None:
 
 def test_address_space_limit_bounds_the_host_budget() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    mapped = memory._status_bytes("VmSize")
+    mapped = memory.status_bytes("VmSize")
     try:
         resource.setrlimit(resource.RLIMIT_AS, (mapped + 3 * GIB, hard))
         budget = memory.Budget.detect(CPU, held_bytes=GIB)
@@ -82,7 +82,7 @@ def test_explicit_device_budget_keeps_a_margin() -> None:
     assert 12 * GIB < budget.device < 14 * GIB
 
 
-# --- measuring tensors and networks ---------------------------------------------------------------------------------
+# --- measuring tensors and networks -----------------------------------------------------------------------------------
 
 
 def test_peak_tensor_bytes_counts_only_tensors_alive_together() -> None:
@@ -120,7 +120,7 @@ def test_network_cost_in_half_precision_halves_activations() -> None:
     assert all(p.device.type == "cpu" for p in network.parameters())  # the network itself is untouched
 
 
-# --- the tiling model against the engine ----------------------------------------------------------------------------
+# --- the tiling model against the engine ------------------------------------------------------------------------------
 
 
 class Pointwise(nn.Module):
@@ -154,7 +154,7 @@ def test_tiling_model_bounds_what_the_engine_holds(name: str) -> None:
     cost = memory.network_cost(network, (shape[0], *patch), None)
     phases = memory.tiling_phases(tiling, memory.Choice(dtype, True, True, batch), cost, FP32, 0, ())
     modelled = memory.estimate(phases, shared=True).host - 4 * image.numel()  # the input exists before the call
-    assert measured <= modelled <= 2 * measured  # small cases: fixed tile costs weigh; accumulators dominate at full size
+    assert measured <= modelled <= 2 * measured  # fixed tile costs weigh here; accumulators dominate at full size
 
 
 # --- choices and plans ------------------------------------------------------------------------------------------------
@@ -214,7 +214,9 @@ def test_shared_pools_add_device_and_host_buffers() -> None:
     plan = memory.choose("case", synthetic_phases, memory.candidates(2), memory.Budget(None, 12 * GIB), CPU)
     assert plan.choice == memory.Choice(FP32, True, True, 2)
     assert plan.estimate.host == 11 * GIB and plan.estimate.device == 0
-    assert plan.line() == "case: memory plan: tiling fp32 on cpu, ensemble on cpu, 2 tile(s)/batch | host 11.0/12.0 GiB (predict)"
+    assert plan.line() == (
+        "case: memory plan: tiling fp32 on cpu, ensemble on cpu, 2 tile(s)/batch | host 11.0/12.0 GiB (predict)"
+    )
 
 
 def test_plan_line_names_both_pools_and_their_peak_phases() -> None:
@@ -226,7 +228,7 @@ def test_plan_line_names_both_pools_and_their_peak_phases() -> None:
     assert plan.tiling_device == CUDA and plan.ensemble_device == CUDA
 
 
-# --- AMOS -----------------------------------------------------------------------------------------------------------
+# --- AMOS -------------------------------------------------------------------------------------------------------------
 
 
 def nnunet_configuration(preprocessor: str, target: tuple, patch: tuple, transpose: tuple = (0, 1, 2)):
@@ -247,7 +249,9 @@ def nnunet_configuration(preprocessor: str, target: tuple, patch: tuple, transpo
         ("GenericPreprocessor", (5.0, 0.8, 0.8), (1.0, 1.6, 1.6), (2, 0, 1)),
     ],
 )
-def test_amos_network_shapes_are_nnunets(preprocessor: str, spacing_zyx: tuple, target: tuple, transpose: tuple) -> None:
+def test_amos_network_shapes_are_nnunets(
+    preprocessor: str, spacing_zyx: tuple, target: tuple, transpose: tuple
+) -> None:
     from gcinfer import nnunet_v1
 
     configuration = nnunet_configuration(preprocessor, target, (8, 8, 8), transpose)
@@ -289,7 +293,9 @@ def amos_full_size(shape_zyx=(600, 512, 512), spacing=(1.25, 0.78, 0.78)) -> mem
             memory.Tiling(memory.nnunet_network_shape(shape_zyx, spacing, target, (0, 1, 2)), patch, 16, 1, True),
             False, AMOS_COST, 5,
         )
-        for target, patch in (((1.5, 1, 1), (160, 160, 160)), ((2, 0.688, 0.688), (80, 192, 192)), ((1.5, 1, 1), (160, 160, 160)))
+        for target, patch in (
+            ((1.5, 1, 1), (160, 160, 160)), ((2, 0.688, 0.688), (80, 192, 192)), ((1.5, 1, 1), (160, 160, 160))
+        )
     )  # fmt: skip
     return memory.AmosCase(shape_zyx, 2, 16, configurations)
 
@@ -319,7 +325,7 @@ def test_huge_case_is_refused_before_any_work() -> None:
         memory.plan_amos("amos_huge", amos_full_size((1500, 1024, 1024)), 2, budget, CUDA)
 
 
-# --- AutoPET --------------------------------------------------------------------------------------------------------
+# --- AutoPET ----------------------------------------------------------------------------------------------------------
 
 
 def test_autopet_case_follows_the_spatial_plan() -> None:

@@ -50,7 +50,7 @@ AUTOPET_ARGS = ("autopet2", "--device", "cpu")
 TOO_LARGE = r"too large for this machine's memory"
 
 
-# --- images -----------------------------------------------------------------------------------------------------
+# --- images -----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,9 @@ def write(path: Path, array: np.ndarray, geometry: Geometry | None = None, vecto
     return path
 
 
-def raw_mha(path: Path, array: np.ndarray, spacing: str, direction: str = "1 0 0 0 1 0 0 0 1", data: bytes | None = None) -> Path:
+def raw_mha(
+    path: Path, array: np.ndarray, spacing: str, direction: str = "1 0 0 0 1 0 0 0 1", data: bytes | None = None
+) -> Path:
     """An uncompressed .mha written by hand, for headers SimpleITK will not write (zero or negative spacing,
     singular directions) and header/data mismatches (``data`` shorter than the header says)."""
     element = {np.dtype(np.int16): "MET_SHORT", np.dtype(np.float32): "MET_FLOAT"}[array.dtype]
@@ -105,7 +107,7 @@ SHEAR = (1.0, 0.2, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # non-orthonormal directi
 SINGULAR = "1 0 0 1 0 0 0 0 1"
 
 
-# --- rows -------------------------------------------------------------------------------------------------------
+# --- rows -------------------------------------------------------------------------------------------------------------
 
 Maker = Callable[..., Path]
 
@@ -151,7 +153,9 @@ def amos_rows() -> list[Row]:
         return lambda folder, clean: write(folder / name, array(clean.array), clean.geometry, **options)
 
     def header(name: str, spacing: Callable[[list[float]], None] = lambda s: None, **options) -> Maker:
-        return lambda folder, clean: raw_mha(folder / name, clean.array, spacing_text(clean.geometry, spacing), **options)
+        return lambda folder, clean: raw_mha(
+            folder / name, clean.array, spacing_text(clean.geometry, spacing), **options
+        )
 
     def truncated(name: str) -> Maker:
         def make(folder: Path, clean: Clean) -> Path:
@@ -223,7 +227,8 @@ def amos_rows() -> list[Row]:
         Row("rgb", "vector (RGB) voxels", "refused", r"expected a scalar image, got 3 components per voxel",
             image("rgb.mha", lambda a: np.stack([a, a, a], -1).astype(np.uint8), vector=True)),
         Row("2d", "a 2D image", "refused", r"expected a 3D image, got 2D", image("2d.nii.gz", lambda a: a[0])),
-        Row("4d", "a 4D image", "refused", r"expected a 3D image, got 4D", image("4d.nii.gz", lambda a: a[None].repeat(2, 0))),
+        Row("4d", "a 4D image", "refused", r"expected a 3D image, got 4D",
+            image("4d.nii.gz", lambda a: a[None].repeat(2, 0))),
         Row("one-slice", "one-slice 3D volume (smaller than the patch)", "processed", "written on the input's grid",
             image("one-slice.nii.gz", one_slice)),
         Row("tiny", "3 x 4 x 5 voxels (smaller than the patch everywhere)", "processed", "written on the input's grid",
@@ -317,23 +322,26 @@ def autopet_rows() -> list[Row]:
         Row("clean", "a clean PET/CT pair (the reference for the other rows)", "processed", "written", pair()),
         Row("float64-pet", "float64 PET", "processed", "same labels as the clean pair",
             pair(pet_array(lambda a: a.astype(np.float64))), same=True),
-        Row("nan-pet", "NaN voxel in the PET", "refused", r"1 non-finite voxel\(s\) \(NaN or Inf\)", pair(pet_array(nan))),
+        Row("nan-pet", "NaN voxel in the PET", "refused", r"1 non-finite voxel\(s\) \(NaN or Inf\)",
+            pair(pet_array(nan))),
         Row("extreme-pet", "extreme PET values (+-3e38 in a few voxels)", "processed", "written on the PET's grid",
             pair(pet_array(with_extremes))),
         Row("all-zero-pet", "all-zero PET", "processed", "written on the PET's grid",
             pair(pet_array(np.zeros_like))),
         Row("one-slice-pet", "one-slice PET", "processed", "written on the PET's grid", pair(pet_array(one_slice))),
-        Row("zero-spacing-pet", "PET with zero spacing", "refused", r"cannot read image \(Zero-valued spacing", pair(zero)),
+        Row("zero-spacing-pet", "PET with zero spacing", "refused", r"cannot read image \(Zero-valued spacing",
+            pair(zero)),
         Row("non-orthonormal-pet", "PET with a non-orthonormal (sheared) direction", "processed",
             "written on the PET's grid", pair(pet_grid(sheared))),
-        Row("corrupt-ct", "corrupt CT, valid PET", "refused", r"cannot read image header", pair(ct=garbage, blame="ct")),
+        Row("corrupt-ct", "corrupt CT, valid PET", "refused", r"cannot read image header",
+            pair(ct=garbage, blame="ct")),
         Row("2d-ct", "2D CT", "refused", r"expected a 3D image, got 2D", pair(ct=ct_2d, blame="ct")),
         Row("mismatched-ct", "PET/CT pair on different grids (CT cropped, other spacing and origin)", "processed",
             "same labels as the clean pair (the CT is only checked)", pair(ct=ct_elsewhere), same=True),
-        Row("pet-without-ct", "PET without a CT of the same name", "refused", r"no matching image named 'pet-without-ct' "
-            r"in socket\(s\) ct", pair(ct=SKIP)),
-        Row("ct-without-pet", "CT without a PET of the same name", "refused", r"no matching image named 'ct-without-pet' "
-            r"in socket\(s\) pet", pair(pet=SKIP, blame="ct")),
+        Row("pet-without-ct", "PET without a CT of the same name", "refused",
+            r"no matching image named 'pet-without-ct' in socket\(s\) ct", pair(ct=SKIP)),
+        Row("ct-without-pet", "CT without a PET of the same name", "refused",
+            r"no matching image named 'ct-without-pet' in socket\(s\) pet", pair(pet=SKIP, blame="ct")),
         Row("non-ascii-name", "spaces and non-ASCII characters in the file names", "processed",
             "same labels as the clean pair, same file name", pair(), same=True),
         Row("symlinks", "PET and CT are symlinks", "processed", "same labels as the clean pair",
@@ -354,12 +362,15 @@ def run_rows() -> list[Row]:
     def here(test: str, row_id: str | None = None) -> str:
         return f"tests/test_robustness.py::{test}" + (f"[{row_id}]" if row_id else "")
 
-    amos_model, autopet_model, output = "test_amos_model_problems", "test_autopet_model_problems", "test_unwritable_output"
+    amos_model, autopet_model = "test_amos_model_problems", "test_autopet_model_problems"
+    output = "test_unwritable_output"
     return [
-        Row("missing-socket", "a missing socket (no `images/ct/`)", "refused", r"images/ct: no image for input socket 'ct'",
+        Row("missing-socket", "a missing socket (no `images/ct/`)", "refused",
+            r"images/ct: no image for input socket 'ct'",
             test="tests/test_autopet.py::test_missing_ct_socket_and_unreadable_ct", pipeline="AutoPET"),
         Row("two-images-one-socket", "two images in one Grand Challenge socket folder", "processed",
-            "both written, each under its own name", test=here("test_two_images_in_one_socket_folder"), pipeline="AMOS"),
+            "both written, each under its own name", test=here("test_two_images_in_one_socket_folder"),
+            pipeline="AMOS"),
         Row("amos-missing-weights", "a fold's weights missing", "refused",
             r"fold_0/model_final_checkpoint.model: file missing", test=here(amos_model, "amos-missing-weights"),
             pipeline="AMOS"),
@@ -390,7 +401,7 @@ def run_rows() -> list[Row]:
 ROWS = {"amos-task1": amos_rows(), "autopet2": autopet_rows(), "runs": run_rows()}
 
 
-# --- running the CLI ---------------------------------------------------------------------------------------------
+# --- running the CLI --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -402,7 +413,8 @@ class Run:
     output: Path
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.output.rglob("*") if p.is_file() or p.is_symlink()) if self.output.exists() else []
+        found = self.output.rglob("*") if self.output.exists() else ()
+        return sorted(p for p in found if p.is_file() or p.is_symlink())
 
     def error_for(self, path: Path) -> str:
         """The first error message naming ``path``."""
@@ -440,7 +452,7 @@ def assert_no_temporary_files(folder: Path) -> None:
     assert leftovers == [], f"temporary files left: {leftovers}"
 
 
-# --- AMOS --------------------------------------------------------------------------------------------------------
+# --- AMOS -------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -508,7 +520,7 @@ def assert_case_outcome(
         assert len(np.unique(labels)) >= clean_labels, "the clean case should show what the model segments"
 
 
-# --- AutoPET -----------------------------------------------------------------------------------------------------
+# --- AutoPET ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -526,8 +538,9 @@ def autopet_clean(fixtures_dir: Path) -> Clean:
 def autopet_run(fixtures_dir: Path, autopet_clean: Clean, tmp_path_factory) -> tuple[Run, dict[str, Path]]:
     """One ``autopet2`` run on a Grand Challenge folder holding every AutoPET row's pair."""
     root = tmp_path_factory.mktemp("autopet_rows")
-    inputs = {row.id: row.make(root / "in", autopet_clean, AUTOPET_NAMES.get(row.id, row.id)) for row in ROWS["autopet2"]}
-    run = run_cli(*AUTOPET_ARGS, "--input", root / "in", "--model", fixtures_dir / "autopet2" / "model", output=root / "out")
+    inputs = {r.id: r.make(root / "in", autopet_clean, AUTOPET_NAMES.get(r.id, r.id)) for r in ROWS["autopet2"]}
+    model = fixtures_dir / "autopet2" / "model"
+    run = run_cli(*AUTOPET_ARGS, "--input", root / "in", "--model", model, output=root / "out")
     return run, inputs
 
 
@@ -650,7 +663,9 @@ def test_autopet_model_problems(row_id: str, fixtures_dir: Path, autopet_clean: 
 # --- outputs that cannot be written, interruption (subprocesses) ------------------------------------------------------
 
 
-def cli_process(*argv: object, prefix: Sequence[str] = (), preexec: Callable[[], None] | None = None) -> subprocess.Popen:
+def cli_process(
+    *argv: object, prefix: Sequence[str] = (), preexec: Callable[[], None] | None = None
+) -> subprocess.Popen:
     """``[PREFIX] python -m gcinfer.cli --no-progress ARGV`` in a subprocess (stderr piped, line-buffered text)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
     command = [*prefix, sys.executable, "-m", "gcinfer.cli", "--no-progress", *[str(a) for a in argv]]
@@ -713,7 +728,9 @@ def many_amos_cases(fixtures_dir: Path, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_interruption_leaves_no_partial_output(signum: int, fixtures_dir: Path, many_amos_cases: Path, tmp_path: Path) -> None:
+def test_interruption_leaves_no_partial_output(
+    signum: int, fixtures_dir: Path, many_amos_cases: Path, tmp_path: Path
+) -> None:
     output = tmp_path / "out"
     process = cli_process(*AMOS_ARGS, "--input", many_amos_cases, "--output", output, "--model",
                           fixtures_dir / "amos_task1" / "model")  # fmt: skip
@@ -735,21 +752,25 @@ def test_interruption_leaves_no_partial_output(signum: int, fixtures_dir: Path, 
         assert not path.name.startswith(".") and read_image(path)[0].dtype == np.uint8
 
 
-# --- determinism ---------------------------------------------------------------------------------------------------------
+# --- determinism ------------------------------------------------------------------------------------------------------
 
 
-def test_amos_output_is_byte_identical_across_runs(fixtures_dir: Path, amos_run, amos_clean: Clean, tmp_path: Path) -> None:
+def test_amos_output_is_byte_identical_across_runs(
+    fixtures_dir: Path, amos_run, amos_clean: Clean, tmp_path: Path
+) -> None:
     """The clean case again, in a run of its own: the very same bytes as in the module's run."""
     run, inputs = amos_run
     (tmp_path / "in").mkdir()
     shutil.copy(amos_clean.path, tmp_path / "in" / "clean.nii.gz")
-    again = run_cli(*AMOS_ARGS, "--no-tta", "--input", tmp_path / "in", "--model", fixtures_dir / "amos_task1" / "model",
-                    output=tmp_path / "out")  # fmt: skip
+    model = fixtures_dir / "amos_task1" / "model"
+    again = run_cli(*AMOS_ARGS, "--no-tta", "--input", tmp_path / "in", "--model", model, output=tmp_path / "out")
     assert again.code == 0, again.errors
     assert (again.output / "clean.nii.gz").read_bytes() == output_of(run, inputs["clean"]).read_bytes()
 
 
-def test_autopet_output_is_byte_identical_across_runs(fixtures_dir: Path, autopet_run, autopet_clean: Clean, tmp_path: Path) -> None:
+def test_autopet_output_is_byte_identical_across_runs(
+    fixtures_dir: Path, autopet_run, autopet_clean: Clean, tmp_path: Path
+) -> None:
     run, _ = autopet_run
     next(r for r in ROWS["autopet2"] if r.id == "clean").make(tmp_path / "in", autopet_clean, "clean")
     again = run_cli(*AUTOPET_ARGS, "--input", tmp_path / "in", "--model", fixtures_dir / "autopet2" / "model",
@@ -759,7 +780,7 @@ def test_autopet_output_is_byte_identical_across_runs(fixtures_dir: Path, autope
     assert (again.output / name).read_bytes() == (run.output / name).read_bytes()
 
 
-# --- the generated table -------------------------------------------------------------------------------------------------
+# --- the generated table ----------------------------------------------------------------------------------------------
 
 
 def test_bad_inputs_table_is_current() -> None:

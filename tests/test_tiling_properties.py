@@ -13,7 +13,7 @@ Properties:
   whose 5x5x5 receptive field makes tile borders, padding and Gaussian weighting visible.
 
 Examples are few and volumes small so that the file runs in well under a minute; ``derandomize`` makes CI runs
-reproducible.
+reproducible (and no example database is written).
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ TOLERANCE = 1e-4  # parity with the references (as tests/test_tiling.py)
 EXACT = 1e-5  # float32 rounding of sums of a few terms
 
 PROPERTY = settings(
-    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
+PLACEMENT = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 
 sizes = st.integers(1, 18)
 patch_sizes = st.integers(1, 12)
@@ -171,7 +172,7 @@ def assert_covers_without_gaps(starts: list[int], size: int, patch: int) -> None
     assert all(0 <= b - a <= patch for a, b in zip(starts, starts[1:]))  # nnU-Net's rounding may repeat a start
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@PLACEMENT
 @given(size=full_sizes, patch=full_patches, step=st.floats(0.05, 1.0))
 def test_tile_starts_match_nnunet_at_full_size(size: int, patch: int, step: float) -> None:
     size = max(size, patch)  # the engine pads to the patch first
@@ -182,7 +183,7 @@ def test_tile_starts_match_nnunet_at_full_size(size: int, patch: int, step: floa
         assert max(b - a for a, b in zip(starts, starts[1:])) <= patch * step + 1
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@PLACEMENT
 @given(size=full_sizes, patch=full_patches, overlap=st.floats(0.0, 0.95))
 def test_tile_starts_match_monai_at_full_size(size: int, patch: int, overlap: float) -> None:
     size = max(size, patch)

@@ -1,7 +1,7 @@
 """Checks of a container's outputs against the library's own outputs and the phantoms' ground truth.
 
-Used by ``test.sh`` and ``test_autopet.sh`` (``python -m gcinfer.checks <command>``; registered in the CLI as
-the tool ``gcinfer check``):
+Used by ``test.sh`` and ``test_autopet.sh`` as ``python -m gcinfer.checks <command>`` (a tool module of the
+``gcinfer`` CLI: ``add_arguments`` and ``run``):
 
 - ``outputs``: the expected files and only those (the library's own case discovery on the same input), each a
   uint8 label map on exactly its input's grid, voxel-identical to the library's output for the same input and
@@ -24,6 +24,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
@@ -179,11 +180,9 @@ def fingerprint(paths: Sequence[Path], extra: str = "") -> str:
     ``test.sh`` keys its cache of the library's reference outputs with it: same library, config, input,
     weights and options give the same outputs.
     """
-    import torch
-
     import gcinfer
 
-    digest = hashlib.sha256(f"{extra}\0torch {torch.__version__}\0".encode())
+    digest = hashlib.sha256(f"{extra}\0torch {version('torch')}\0".encode())
     for root in (Path(gcinfer.__file__).parent, *map(Path, paths)):
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for path in files:

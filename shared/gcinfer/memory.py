@@ -18,8 +18,8 @@ failed and goes on with the others) before any prediction work.
 Model. A case runs as phases (read, crop, preprocess, predict, resample, ...), each holding :class:`Buffer` s on the
 device or on the host; a pool's peak is its largest phase total. When the device is the CPU both pools are the
 host's memory and a phase's device and host buffers add up. Buffer sizes follow the pipelines' code (the docstrings
-of :func:`amos_phases` and :func:`autopet_phases` say which line each comes from) and
-:func:`gcinfer.tiling.predict_tiled`, with one exception: the host cost of nnU-Net v1's cropping and preprocessing
+of :func:`amos_phases`, :func:`autopet_phases` and :func:`tiling_phases` say which step each comes from), with one
+exception: the host cost of nnU-Net v1's cropping and preprocessing
 (``np.where`` of the non-zero mask, float64 spline resampling of the image and of the int64 mask) is given per voxel,
 as measured with nnU-Net 1.7.1 on this project's machines (``benchmarks/bench_memory.py`` checks the model against
 the measured peak RSS of full-size cases). Network weights and activations come from :func:`network_cost`, which
@@ -27,9 +27,9 @@ runs the network once on the ``meta`` device (no memory, no compute) and records
 
 Budgets (:class:`Budget`): the host's is the cgroup memory limit when there is one (the container's ``--memory``),
 else the physical memory, minus what the process already holds (weights, libraries) and a margin, and at most the
-address space ``ulimit -v`` leaves; the device's is
-its free memory plus PyTorch's cached free blocks, minus a margin for cuDNN workspaces and fragmentation. Tests and
-the benchmark pass budgets explicitly, e.g. :data:`T4_FREE_BYTES`.
+address space ``ulimit -v`` leaves; the device's is its free memory plus PyTorch's cached free blocks, minus a
+margin for cuDNN workspaces and fragmentation. Tests and the benchmark pass budgets explicitly, e.g.
+:data:`T4_FREE_BYTES`.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ image and of the int64 mask, spline prefilters, outputs), plus :data:`NNUNET_PRE
 NNUNET_PREPROCESS_SEPARATE_Z_PER_VOXEL = ((42, 10), (16, 76))
 """The same with separate-z resampling, whose ``map_coordinates`` step builds int64 and float64 grids of Nt."""
 NNUNET_PREPROCESS_FIXED = 32 * 2**20
+"""Bytes ``Configuration.preprocess`` needs whatever the size (library buffers; matters only for small images)."""
 NNUNET_SEPARATE_Z_THRESHOLD = 3.0
 """nnU-Net v1's ``RESAMPLING_SEPARATE_Z_ANISO_THRESHOLD``: max/min spacing above which z is resampled apart."""
 NNUNET_NO_SEPARATE_Z = ("Preprocessor3DBetterResampling",)
@@ -93,7 +94,7 @@ class MemoryPlanError(InputError):
     """A case that cannot fit in memory with any choice; the message names the file and the sizes."""
 
 
-# --- budgets ------------------------------------------------------------------------------------------------------
+# --- budgets ----------------------------------------------------------------------------------------------------------
 
 
 def _read_limit(path: Path) -> int | None:
@@ -120,7 +121,7 @@ def host_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
     return physical
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A size field of ``/proc/self/status`` (``VmRSS``, ``VmSize``) in bytes."""
     with open("/proc/self/status") as status:
         return next((int(line.split()[1]) * 1024 for line in status if line.startswith(f"{field}:")), 0)
@@ -128,13 +129,13 @@ def _status_bytes(field: str) -> int:
 
 def rss_bytes() -> int:
     """Current resident set size of this process (``VmRSS``)."""
-    return _status_bytes("VmRSS")
+    return status_bytes("VmRSS")
 
 
 def address_space_left_bytes() -> int | None:
     """Address space this process may still map under ``RLIMIT_AS`` (``ulimit -v``); None when unlimited."""
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return None if soft == resource.RLIM_INFINITY else soft - _status_bytes("VmSize")
+    return None if soft == resource.RLIM_INFINITY else soft - status_bytes("VmSize")
 
 
 def device_free_bytes(device: torch.device) -> int | None:
@@ -182,7 +183,7 @@ class Budget:
         return self.device is None
 
 
-# --- model ----------------------------------------------------------------------------------------------------------
+# --- model ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ def choose(
     )
 
 
-# --- networks -------------------------------------------------------------------------------------------------------
+# --- networks ---------------------------------------------------------------------------------------------------------
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -387,23 +388,33 @@ class NetworkCost:
         return self.activations * tile_batch_size + self.autocast_cache
 
 
-def network_cost(network: torch.nn.Module, tile_shape: Sequence[int], compute_dtype: torch.dtype | None) -> NetworkCost:
-    """Measure ``network`` for ``(C, *patch)`` tiles, computing in ``compute_dtype`` (None: float32).
+def _meta_copy(network: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``network`` whose parameters and floating buffers are ``meta`` tensors of ``dtype`` (its real
+    tensors are not copied: they are mapped to their stand-ins in ``deepcopy``'s memo; shared ones stay shared)."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in (*network.parameters(), *network.buffers()):
+        stand_in = torch.empty_like(tensor, device="meta", dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        memo[id(tensor)] = torch.nn.Parameter(stand_in, False) if isinstance(tensor, torch.nn.Parameter) else stand_in
+    return copy.deepcopy(network, memo)
 
-    A copy of the network runs once on the ``meta`` device (no memory, no compute): autocast is modelled by a
-    network converted to ``compute_dtype``.
+
+def network_cost(network: torch.nn.Module, tile_shape: Sequence[int], compute_dtype: torch.dtype | None) -> NetworkCost:
+    """Measure ``network`` (in eval mode) for ``(C, *patch)`` tiles, computing in ``compute_dtype`` (None: float32).
+
+    A ``meta`` copy of the network runs once (no memory, no compute; the network itself is untouched); autocast is
+    modelled by a copy in ``compute_dtype``.
     """
-    weights = sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+    parameters = list(network.parameters())
+    weights = sum(t.numel() * t.element_size() for t in (*parameters, *network.buffers()))
     dtype = compute_dtype or torch.float32
-    meta = copy.deepcopy(network).to(device="meta", dtype=dtype).eval()
-    tile = torch.empty((1, *tile_shape), device="meta", dtype=dtype)
+    meta, tile = _meta_copy(network, dtype), torch.empty((1, *tile_shape), device="meta", dtype=dtype)
     with torch.inference_mode():
         activations = peak_tensor_bytes(lambda: meta(tile))
-    cache = sum(p.numel() for p in network.parameters()) * dtype.itemsize if compute_dtype is not None else 0
+    cache = sum(p.numel() for p in parameters) * dtype.itemsize if compute_dtype is not None else 0
     return NetworkCost(weights, activations, cache)
 
 
-# --- tiling ---------------------------------------------------------------------------------------------------------
+# --- tiling -----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -478,7 +489,7 @@ def _numbered(phases: Sequence[Phase], suffix: str) -> list[Phase]:
     return [replace(p, name=f"{p.name} {suffix}") for p in phases]
 
 
-# --- AMOS -----------------------------------------------------------------------------------------------------------
+# --- AMOS -------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -587,14 +598,16 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
     slab = 8 * n0 // case.image_shape[0] * 8  # ARGMAX_SLICES slices of int64
     phases = [
         Phase("read", (Buffer("image", 2 * case.image_itemsize * n0, False),)),
-        Phase("crop", (Buffer("image", case.image_itemsize * n0, False), Buffer("cropping", NNUNET_CROP_PER_VOXEL * n0, False))),
+        Phase("crop", (Buffer("image", case.image_itemsize * n0, False),
+                       Buffer("cropping", NNUNET_CROP_PER_VOXEL * n0, False))),
     ]  # fmt: skip
     for number, configuration in enumerate(case.configurations, 1):
         tiling, on = configuration.tiling, choice.tiling_on_device
         weights = 0 if case.weights_on_host else configuration.network.weights * configuration.folds
         channel = choice.tiling_dtype.itemsize * n0
         phases += _numbered([
-            Phase("preprocess", (cropped, ensemble, Buffer("preprocessing", _preprocess_bytes(n0, configuration), False))),
+            Phase("preprocess", (cropped, ensemble,
+                                 Buffer("preprocessing", _preprocess_bytes(n0, configuration), False))),
             *tiling_phases(tiling, choice, configuration.network, choice.tiling_dtype, weights, (cropped, ensemble)),
             Phase("resample", (
                 cropped, ensemble,
@@ -606,7 +619,8 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
     phases += [
         Phase("argmax", (cropped, ensemble, Buffer("labels", n0, choice.ensemble_on_device),
                          Buffer("argmax slab", slab, choice.ensemble_on_device))),
-        Phase("postprocess", (cropped, Buffer("labels", n0, choice.ensemble_on_device), Buffer("labels on host", n0, False),
+        Phase("postprocess", (cropped, Buffer("labels", n0, choice.ensemble_on_device),
+                              Buffer("labels on host", n0, False),
                               Buffer("post-processing", POSTPROCESS_PER_VOXEL * n0, False))),
         Phase("write", (cropped, Buffer("labels on host", n0, False), Buffer("writing", WRITE_PER_VOXEL * n0, False))),
     ]  # fmt: skip
@@ -622,7 +636,7 @@ def plan_amos(case_name: str, case: AmosCase, tile_batch_size: int, budget: Budg
     return choose(case_name, lambda c: amos_phases(case, c), candidates(tile_batch_size), budget, device)
 
 
-# --- AutoPET --------------------------------------------------------------------------------------------------------
+# --- AutoPET ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -690,7 +704,8 @@ def autopet_phases(case: AutopetCase, choice: Choice) -> list[Phase]:
         Phase("read", (Buffer("PET", 2 * case.pet_itemsize * n, False),)),
         Phase("preprocess", (
             pet, Buffer("PET on device", 4 * n, True), Buffer("flipped PET", 4 * n if case.flips else 0, True),
-            Buffer("resampled", 4 * nt, True), Buffer("sampling grid", GRID_SAMPLE_BYTES if case.resampled else 0, True),
+            Buffer("resampled", 4 * nt, True),
+            Buffer("sampling grid", GRID_SAMPLE_BYTES if case.resampled else 0, True),
             Buffer("scaling temporaries", 8 * nt, True),
         )),
     ]  # fmt: skip
