@@ -22,9 +22,8 @@ The table also prints the planner's device estimate for a T4 (:data:`gcinfer.mem
 architectures (AMOS: FabiansUNet of those plans, 5 folds per configuration; AutoPET: the container's DynUNet), in
 fp16 (autocast and accumulators) and fp32, all on the device with the configured tile batch, the plan the planner
 picks for a T4 with 15 GiB of RAM, and the planner's host estimate for the CPU run next to the measured peak.
-Prints markdown; exits 1 when a case's peak RSS reaches 15 GiB or a case fails. The pipelines take their network
-costs once the planner is integrated (``amos.Pipeline.network_costs``, ``autopet.predict_case(network_cost=...)``);
-the benchmark passes them when they do, and then reports the plan the pipeline logged.
+Prints markdown, with the plan each pipeline logged for its run; exits 1 when a case's peak RSS reaches 15 GiB or a
+case fails.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import io
 import json
 import logging
@@ -189,8 +187,7 @@ def run_amos(work: Path, configuration_count: int) -> dict:
     )  # fmt: skip
     cpu = torch.device("cpu")
     costs = memory.amos_network_costs(configurations, cpu)
-    integrated = "network_costs" in inspect.signature(amos.Pipeline).parameters
-    pipeline = amos.Pipeline(configurations, settings, cpu, *([tuple(costs)] if integrated else []))
+    pipeline = amos.Pipeline(configurations, settings, cpu, tuple(costs))
     source = work / "amos" / "in" / "amos_full.mha"
     case = Case("amos_full", {"ct-image": source}, work / "amos" / "out" / "amos_full.mha")
     estimate = memory.AmosCase.of(AMOS_SHAPE, 2, AMOS_SPACING, configurations, costs, bool(settings.mirror_axes), cpu)
@@ -232,11 +229,9 @@ def run_autopet(work: Path) -> dict:
     cpu = torch.device("cpu")
     estimate = autopet_case(autopet_geometry(), settings, None, networks[0])
     plan = cpu_plan(lambda budget: memory.plan_autopet(case.name, estimate, settings.tile_batch_size, budget, cpu))
-    integrated = "network_cost" in inspect.signature(autopet.predict_case).parameters
-    extra = {"network_cost": estimate.network} if integrated else {}
     start = time.perf_counter()
     autopet.predict_case(case, StageLog(case.name, cpu), model_socket="pet", networks=networks, settings=settings,
-                         device=cpu, **extra)  # fmt: skip
+                         device=cpu, network_cost=estimate.network)  # fmt: skip
     return {"seconds": time.perf_counter() - start, **plan, **check_output(case.output, inputs["pet"])}
 
 

@@ -40,8 +40,6 @@ def readable(pattern: str) -> str:
 def line(group: str, row: Row) -> str:
     test = row.test or f"tests/test_robustness.py::{DEFAULT_TESTS[group]}[{row.id}]"
     shown = f"`{readable(row.cause)}`" if row.expected == "refused" else row.cause
-    if row.known_bug:
-        shown += f" (**not yet**: {row.known_bug})"
     pipeline = row.pipeline or {"amos-task1": "AMOS", "autopet2": "AutoPET"}[group]
     return f"| {row.problem} | {pipeline} | {row.expected} | {shown} | `{test}` |"
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
+import re
 import resource
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,3 +349,53 @@ def test_full_size_autopet_case_on_a_t4_reduces_the_tile_batch_only_when_needed(
         case = memory.AutopetCase.of(geometry, 4, (2.03642011, 2.03642011, 3.0), (128, 128, 128), 2, 5, True, cost)
         plan = memory.plan_autopet("case", case, 8, budget, CUDA)
         assert plan.choice == memory.Choice(FP32, True, True, batch)
+
+
+# --- the planner in the pipelines ---------------------------------------------------------------------------------
+
+
+def pipeline_run(fixtures_dir: Path, name: str, output: Path) -> tuple[int, list[Path], list[Path]]:
+    """``gcinfer <name>`` on its fixture inputs (AMOS: task 2, fold 0): exit code, the case inputs the plan must
+    name (the AMOS image, the AutoPET PET), and the files written."""
+    from gcinfer import cli
+
+    folder = "amos_task2" if name == "amos" else "autopet2"
+    inputs = fixtures_dir / folder / "input"
+    options = ["amos-task2", "--folds", "0"] if name == "amos" else ["autopet2"]
+    code = cli.main(["--no-progress", *options, "--device", "cpu", "--input", str(inputs), "--output", str(output),
+                     "--model", str(fixtures_dir / folder / "model")])  # fmt: skip
+    named = sorted(inputs.glob("*.nii.gz")) if name == "amos" else sorted((inputs / "images" / "pet").glob("*.mha"))
+    return code, named, sorted(p for p in output.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("name", ["amos", "autopet"])
+def test_pipelines_log_one_plan_per_case(name: str, fixtures_dir: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="gcinfer"):
+        code, named, written = pipeline_run(fixtures_dir, name, tmp_path / "out")
+    assert code == 0 and len(written) == len(named) == 2
+    plans = [r.getMessage() for r in caplog.records if "memory plan:" in r.getMessage()]
+    assert [p.split(": memory plan: ")[0] for p in plans] == [str(p) for p in named]
+    for line in plans:  # the CPU's single pool, the preferred choice for these small cases
+        assert re.search(r": memory plan: tiling fp32 on cpu, (ensemble on cpu, )?\d+ tile\(s\)/batch \| host "
+                         r"\d+\.\d/\d+\.\d GiB \(\w[\w ]*\)$", line), line  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["amos", "autopet"])
+def test_a_case_that_fits_nowhere_fails_before_any_work(
+    name: str, fixtures_dir: Path, tmp_path: Path, caplog, monkeypatch
+) -> None:
+    """With 1 MiB of memory left every case is refused by the planner: named, exit 1, nothing written, and no
+    prediction stage ran."""
+    from gcinfer import amos, autopet
+
+    monkeypatch.setattr(memory.Budget, "detect", classmethod(lambda cls, device, **_: cls(None, 2**20)))
+    predictions = []
+    for module in (amos, autopet):
+        monkeypatch.setattr(module, "predict_tiled", lambda *args, **kwargs: predictions.append(args))
+    with caplog.at_level(logging.INFO, logger="gcinfer"):
+        code, named, written = pipeline_run(fixtures_dir, name, tmp_path / "out")
+    assert code == 1 and written == []
+    for path in named:
+        assert re.search(f"FAILED .*{re.escape(str(path))}: too large for this machine's memory: even with tiling "
+                         r"bf16 on \w+, .*GiB of host memory \(0.0 GiB available\)", caplog.text), caplog.text  # fmt: skip
+    assert predictions == []

@@ -8,6 +8,8 @@ private copy of the fixture models (nnU-Net may write into a results folder).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import io
 import json
 import os
@@ -15,11 +17,13 @@ import pickle
 import re
 import shutil
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from gcinfer import nnunet_v1
@@ -103,6 +107,36 @@ def test_preprocessing_is_nnunet_preprocess_patient(task, fixtures_dir, restored
             for key in ("crop_bbox", "size_after_cropping", "size_after_resampling", "original_size_of_raw_data"):
                 assert np.array_equal(ours.properties[key], properties[key]), key
             assert cropped.properties["itk_direction"] == properties["itk_direction"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_preprocessing_within_the_non_zero_mask_is_nnunets(
+    task, fixtures_dir, restored, reference_trainers, monkeypatch, tmp_path
+) -> None:
+    """Plans with ``use_mask_for_norm`` (nnU-Net sets it when the non-zero crop removed much of an MRI): the int8
+    mask is resampled and normalised within as preprocess_patient does with its int64 one; without the flag the
+    mask is skipped. Each sample gets a zeroed corner block, which the bounding box cannot crop away, so that the
+    flag changes the result (checked: this test can fail)."""
+    mask_mattered = False
+    for source in case_files(fixtures_dir, task):
+        image, geometry = read_image(source)
+        image[:4, :12, :12] = 0
+        path = tmp_path / source.name
+        sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(image)), str(path))
+        cropped = nnunet_v1.crop(image[None], geometry)
+        assert cropped.seg.dtype == np.int8
+        for name in models_of(task):
+            trainer, _ = reference_trainers[task, name]
+            monkeypatch.setattr(trainer, "use_mask_for_norm", OrderedDict({0: True}))
+            with contextlib.redirect_stdout(io.StringIO()):
+                expected, _, _ = trainer.preprocess_patient([str(path)])
+            configuration = restored[task, name]
+            preprocessor = copy.copy(configuration.preprocessor)
+            preprocessor.use_nonzero_mask = OrderedDict({0: True})
+            ours = dataclasses.replace(configuration, preprocessor=preprocessor).preprocess(cropped)
+            assert np.array_equal(ours.data, expected), f"{path.name} {name}"
+            mask_mattered |= not np.array_equal(ours.data, configuration.preprocess(cropped).data)
+    assert mask_mattered
 
 
 def test_crop_is_shared_untouched(fixtures_dir, restored) -> None:

@@ -127,8 +127,6 @@ class Row:
         same: processed rows whose output must equal the clean case's labels.
         test: where the row is tested (pytest node id), default this module's test of the row's pipeline.
         pipeline: the pipeline(s) concerned, for the table (default: that of the row's group in :data:`ROWS`).
-        needs_planner: the row needs the memory planner in the pipeline (skipped until it is integrated).
-        known_bug: the pipelines do not behave so yet (the test is a strict xfail until they do).
     """
 
     id: str
@@ -139,8 +137,6 @@ class Row:
     same: bool = False
     test: str = ""
     pipeline: str = ""
-    needs_planner: bool = False
-    known_bug: str = ""
 
 
 def amos_rows() -> list[Row]:
@@ -246,7 +242,7 @@ def amos_rows() -> list[Row]:
         Row("negative-spacing", "negative spacing (ITK reads a flipped axis)", "processed",
             "same labels as the clean case, direction flipped", header("negative-spacing.mha", negative_y), same=True),
         Row("huge-spacing", "huge spacing (1e5 mm: the network grid would have 10^9 voxels)", "refused", TOO_LARGE,
-            header("huge-spacing.mha", huge_z), needs_planner=True),
+            header("huge-spacing.mha", huge_z)),
         Row("non-orthonormal", "non-orthonormal (sheared) direction", "processed",
             "same labels as the clean case, direction kept", sheared("non-orthonormal.nii.gz"), same=True),
         Row("singular-direction", "singular direction matrix", "refused", r"cannot read image \(Bad direction",
@@ -255,8 +251,7 @@ def amos_rows() -> list[Row]:
             "same labels as the clean case, same file name", copy_as("amos 9001 é ü.nii.gz"), same=True),
         Row("symlink", "input is a symlink", "processed", "same labels as the clean case, a regular file written",
             symlink("symlink.nii.gz"), same=True),
-        Row("dangling-symlink", "input is a dangling symlink", "refused", r"file not found", dangling,
-            known_bug="gcinfer.layout._images_in skips it without a message (p.is_file() is False)"),
+        Row("dangling-symlink", "input is a dangling symlink", "refused", r"file not found", dangling),
     ]  # fmt: skip
 
 
@@ -392,9 +387,7 @@ def run_rows() -> list[Row]:
             r"cannot write output \((Read-only file system|Permission denied)\)", test=here(output, "read-only-output"),
             pipeline="AutoPET"),
         Row("full-output", "full output folder (file size limit reached)", "refused", r"cannot write output",
-            test=here(output, "full-output"), pipeline="AutoPET",
-            known_bug="gcinfer.io.write_label_map renames a truncated file into place: SimpleITK does not report "
-            "the failed write of a small compressed label map"),
+            test=here(output, "full-output"), pipeline="AutoPET"),
     ]  # fmt: skip
 
 
@@ -441,12 +434,6 @@ def run_cli(*argv: object, output: Path) -> Run:
     return Run(code, handler.messages, output)
 
 
-def planner_integrated(module: str) -> bool:
-    from importlib import import_module
-
-    return hasattr(import_module(module), "plan_memory")
-
-
 def assert_no_temporary_files(folder: Path) -> None:
     leftovers = [p for p in folder.rglob(".*") if p.is_file()] if folder.exists() else []
     assert leftovers == [], f"temporary files left: {leftovers}"
@@ -471,8 +458,7 @@ def amos_run(fixtures_dir: Path, amos_clean: Clean, tmp_path_factory) -> tuple[R
     root = tmp_path_factory.mktemp("amos_rows")
     folder = root / "in"
     folder.mkdir()
-    rows = [r for r in ROWS["amos-task1"] if not r.needs_planner or planner_integrated("gcinfer.amos")]
-    inputs = {row.id: row.make(folder, amos_clean) for row in rows}
+    inputs = {row.id: row.make(folder, amos_clean) for row in ROWS["amos-task1"]}
     run = run_cli(*AMOS_ARGS, "--no-tta", "--input", folder, "--model", fixtures_dir / "amos_task1" / "model",
                   output=root / "out")  # fmt: skip
     return run, inputs
@@ -483,17 +469,8 @@ def output_of(run: Run, source: Path) -> Path:
     return run.output / source.name
 
 
-def expect(row: Row, request: pytest.FixtureRequest) -> None:
-    """Skip a row the pipelines cannot run yet; mark a known bug's row as a strict expected failure."""
-    if row.needs_planner and not planner_integrated("gcinfer.amos"):
-        pytest.skip("needs the memory planner in gcinfer.amos (gcinfer.memory.plan_amos)")
-    if row.known_bug:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=row.known_bug))
-
-
 @pytest.mark.parametrize("row", ROWS["amos-task1"], ids=lambda r: r.id)
-def test_amos_inputs(row: Row, amos_run, request: pytest.FixtureRequest) -> None:
-    expect(row, request)
+def test_amos_inputs(row: Row, amos_run) -> None:
     run, inputs = amos_run
     assert run.code == 1  # some rows are refused
     source = inputs[row.id]
@@ -545,8 +522,7 @@ def autopet_run(fixtures_dir: Path, autopet_clean: Clean, tmp_path_factory) -> t
 
 
 @pytest.mark.parametrize("row", ROWS["autopet2"], ids=lambda r: r.id)
-def test_autopet_inputs(row: Row, autopet_run, request: pytest.FixtureRequest) -> None:
-    expect(row, request)
+def test_autopet_inputs(row: Row, autopet_run) -> None:
     run, inputs = autopet_run
     assert run.code == 1
     source = inputs[row.id]
@@ -694,12 +670,9 @@ def read_only(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("row_id", ["read-only-output", "full-output"])
-def test_unwritable_output(
-    row_id: str, fixtures_dir: Path, autopet_clean: Clean, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
+def test_unwritable_output(row_id: str, fixtures_dir: Path, autopet_clean: Clean, tmp_path: Path) -> None:
     """The AutoPET pipeline on its clean pair with an output folder it cannot write: read-only, or full (a file
     size limit)."""
-    expect(run_row(row_id), request)
     next(r for r in ROWS["autopet2"] if r.id == "clean").make(tmp_path / "in", autopet_clean, "clean")
     output = tmp_path / "out"
     output.mkdir()

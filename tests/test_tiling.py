@@ -359,6 +359,8 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(capsys) -> None:
         {"mirror_axes": (3,)},
         {"mirror_axes": (0, 0)},
         {"tile_batch_size": 0},
+        {"accumulate_dtype": torch.float16},
+        {"accumulate_dtype": torch.int32},
         {"output": "labels"},
         {"weights": (1.0, 2.0)},
         {"networks": []},
@@ -368,3 +370,12 @@ def test_invalid_arguments_are_refused(arguments: dict) -> None:
     call = {"image": torch.zeros(1, 8, 8, 8), "networks": nn.Conv3d(1, 2, 1), "patch_size": (4, 4, 4)} | arguments
     with pytest.raises(ValueError):
         predict_tiled(call.pop("image"), call.pop("networks"), call.pop("patch_size"), **call)
+
+
+def test_float16_accumulation_is_refused_because_gaussian_corners_underflow() -> None:
+    """The reason for the refusal: nnU-Net's Gaussian at a 64^3 tile's corner is below float16's smallest
+    subnormal, so a float16 importance sum would be 0 there (0/0 = NaN); bfloat16 keeps float32's range."""
+    corner = gaussian_nnunet((64, 64, 64))[0, 0, 0]
+    assert 0 < corner < 2**-24 and corner.to(torch.float16) == 0 and corner.to(torch.bfloat16) > 0
+    with pytest.raises(ValueError, match=r"accumulate_dtype must be one of .* got torch.float16 \(float16 flushes"):
+        predict_tiled(torch.zeros(1, 8, 8, 8), nn.Conv3d(1, 2, 1), (4, 4, 4), accumulate_dtype=torch.float16)

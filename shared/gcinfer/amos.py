@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from gcinfer import nnunet_v1
+from gcinfer import memory, nnunet_v1
 from gcinfer.devices import autocast_dtype_for
 from gcinfer.io import Geometry, InputError, read_image, write_label_map
 from gcinfer.layout import Case, Sockets, discover_cases
@@ -87,11 +87,13 @@ class Settings:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """What a case needs: the restored configurations, the settings and the device."""
+    """What a case needs: the restored configurations, the settings, the device and each configuration's network
+    memory (:func:`gcinfer.memory.amos_network_costs`, for the memory plan)."""
 
     configurations: list[nnunet_v1.Configuration]
     settings: Settings
     device: torch.device
+    network_costs: tuple[memory.NetworkCost, ...]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,15 +154,20 @@ def load_configurations(model_dir: Path, settings: Settings) -> list[nnunet_v1.C
     return configurations
 
 
-def ensemble_probabilities(cropped: nnunet_v1.Cropped, pipeline: Pipeline, stages: StageLog) -> torch.Tensor:
+def ensemble_probabilities(
+    cropped: nnunet_v1.Cropped, pipeline: Pipeline, plan: memory.Plan, stages: StageLog
+) -> torch.Tensor:
     """Mean over configurations of each configuration's mean softmax over folds and mirrors, on the crop.
 
+    The tiling accumulates in ``plan``'s dtype on ``plan.tiling_device``; the ensemble lives on
+    ``plan.ensemble_device``.
+
     Returns:
-        ``(K, z, y, x)`` :data:`ENSEMBLE_DTYPE` on the device, the crop's shape (``size_after_cropping``).
+        ``(K, z, y, x)`` :data:`ENSEMBLE_DTYPE` on ``plan.ensemble_device``, the crop's shape (``size_after_cropping``).
     """
-    device, settings = pipeline.device, pipeline.settings
+    device, settings, choice = pipeline.device, pipeline.settings, plan.choice
     first = pipeline.configurations[0]
-    total = torch.zeros((first.num_classes, *cropped.shape), dtype=ENSEMBLE_DTYPE, device=device)
+    total = torch.zeros((first.num_classes, *cropped.shape), dtype=ENSEMBLE_DTYPE, device=plan.ensemble_device)
     weight = 1.0 / len(pipeline.configurations)
     for configuration in pipeline.configurations:
         with stages.stage("preprocess"):
@@ -168,15 +175,16 @@ def ensemble_probabilities(cropped: nnunet_v1.Cropped, pipeline: Pipeline, stage
         with stages.stage("predict"), configuration.networks_on(device) as networks:
             probabilities = predict_tiled(
                 image, networks, configuration.patch_size, mode="nnunet", step_size=settings.step_size,
-                mirror_axes=settings.mirror_axes, gaussian=True, tile_batch_size=settings.tile_batch_size,
-                autocast_dtype=autocast_dtype_for(device), progress=False,
+                mirror_axes=settings.mirror_axes, gaussian=True, tile_batch_size=choice.tile_batch_size,
+                autocast_dtype=autocast_dtype_for(device), accumulate_dtype=choice.tiling_dtype,
+                result_dtype=choice.tiling_dtype, result_device=plan.tiling_device, progress=False,
             )  # fmt: skip
         del image
         with stages.stage("resample"):
             size = [cropped.shape[axis] for axis in configuration.transpose_forward]
             channels = resize_channels_trilinear(probabilities, size)
             for accumulator, channel in zip(total, channels):
-                accumulator.add_(channel.permute(configuration.transpose_backward).to(device), alpha=weight)
+                accumulator.add_(channel.permute(configuration.transpose_backward).to(total.device), alpha=weight)
         del probabilities, channels
     return total
 
@@ -211,17 +219,34 @@ def postprocess(labels: torch.Tensor, spacing_zyx: Sequence[float], table: dict)
     return backend_for(result).to_numpy(result)
 
 
+def plan_memory(path: Path, image: np.ndarray, geometry: Geometry, pipeline: Pipeline) -> memory.Plan:
+    """Where and in which dtype the accumulators of the case read from ``path`` fit, before any prediction work.
+
+    Raises:
+        memory.MemoryPlanError: the case fits no choice (the message names ``path``).
+    """
+    settings = pipeline.settings
+    case = memory.AmosCase.of(
+        image.shape, image.itemsize, geometry.spacing_zyx, pipeline.configurations, pipeline.network_costs,
+        bool(settings.mirror_axes), pipeline.device,
+    )  # fmt: skip
+    budget = memory.Budget.detect(pipeline.device, held_bytes=image.nbytes)
+    return memory.plan_amos(str(path), case, settings.tile_batch_size, budget, pipeline.device)
+
+
 def predict_case(case: Case, pipeline: Pipeline, stages: StageLog) -> None:
     """Segment one case and write its label map (uint8, the input's geometry); nothing else is written."""
     (path,) = case.inputs.values()
     with stages.stage("read"):
         image, geometry = read_image(path)
+    plan = plan_memory(path, image, geometry, pipeline)
+    log.info(plan.line())
     if not image.any():
         raise InputError(f"{path}: every voxel is 0; nnU-Net's non-zero crop would be empty")
     with stages.stage("crop"):
         cropped = nnunet_v1.crop(image[None], geometry)
     del image
-    probabilities = ensemble_probabilities(cropped, pipeline, stages)
+    probabilities = ensemble_probabilities(cropped, pipeline, plan, stages)
     with stages.stage("argmax"):
         labels = labels_in_image(probabilities, cropped, geometry)
     del probabilities
@@ -242,7 +267,9 @@ def run(args: argparse.Namespace, config: dict) -> int:
     cases = discover_cases(args.input, args.output, settings.sockets)
     if args.device.type == "cuda" and settings.postprocessing and importlib.util.find_spec("cupy") is None:
         log.warning("cupy is not installed: the post-processing runs on the CPU")
-    pipeline = Pipeline(load_configurations(args.model, settings), settings, args.device)
+    configurations = load_configurations(args.model, settings)
+    costs = tuple(memory.amos_network_costs(configurations, args.device))
+    pipeline = Pipeline(configurations, settings, args.device, costs)
     log.info(
         "%s: %d case(s), configurations %s, folds %s, step %.2f, mirror axes %s, post-processing %s, device %s",
         args.command, len(cases), ", ".join(settings.models), list(settings.folds), settings.step_size,

@@ -30,6 +30,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from gcinfer import memory
 from gcinfer.devices import autocast_dtype_for
 from gcinfer.io import Geometry, InputError, atomic_path, read_image, write_label_map
 from gcinfer.layout import Case, Sockets, discover_cases
@@ -250,9 +251,12 @@ def preprocess(
 
 
 def fold_probabilities(
-    image: torch.Tensor, plan: SpatialPlan, network: nn.Module, settings: Settings, device: torch.device
+    image: torch.Tensor, plan: SpatialPlan, network: nn.Module, settings: Settings, device: torch.device,
+    tiling: dict | None = None,
 ) -> torch.Tensor:
-    """One fold: window logits on the network grid, back to the PET grid, softmax: (K, x, y, z) float32."""
+    """One fold: window logits on the network grid, back to the PET grid, softmax: (K, x, y, z) float32, where the
+    tiling puts its result (``tiling``: a memory plan's :meth:`~gcinfer.memory.Plan.tiling_options`; default: the
+    settings' tile batch, float32, on ``device``)."""
     logits = predict_tiled(
         image,
         network,
@@ -260,9 +264,9 @@ def fold_probabilities(
         mode="monai",
         overlap=settings.overlap,
         gaussian=True,
-        tile_batch_size=settings.tile_batch_size,
         autocast_dtype=autocast_dtype_for(device),
         output="logits",
+        **(tiling or {"tile_batch_size": settings.tile_batch_size}),
     )
     source_logits = plan.to_source(logits)
     del logits
@@ -271,7 +275,7 @@ def fold_probabilities(
 
 def segment(
     pet: np.ndarray, geometry: Geometry, networks: Sequence[nn.Module], settings: Settings, device: torch.device,
-    stages: StageLog | None = None,
+    stages: StageLog | None = None, tiling: dict | None = None,
 ) -> np.ndarray:
     """Lesion labels (z, y, x) uint8 on the PET's own grid; folds are run and inverted one by one.
 
@@ -286,7 +290,7 @@ def segment(
         total = None
         for network in networks:
             with stage("predict"):
-                probabilities = fold_probabilities(image, plan, network, settings, device)
+                probabilities = fold_probabilities(image, plan, network, settings, device, tiling)
                 if settings.ensemble == "vote":
                     probabilities = probabilities.argmax(dim=0, keepdim=True).float()
                 total = probabilities if total is None else total.add_(probabilities.to(total.device))
@@ -313,17 +317,37 @@ def check_companion(path: Path) -> None:
         raise InputError(f"{path}: expected a 3D image, got {reader.GetDimension()}D of size {reader.GetSize()}")
 
 
+def plan_memory(
+    path: Path, pet: np.ndarray, geometry: Geometry, folds: int, settings: Settings, network_cost: memory.NetworkCost,
+    device: torch.device,
+) -> memory.Plan:
+    """Where the accumulators of the PET read from ``path`` fit, and the tile batch, before any prediction work.
+
+    Raises:
+        memory.MemoryPlanError: the case fits no choice (the message names ``path``).
+    """
+    case = memory.AutopetCase.of(
+        geometry, pet.itemsize, settings.target_spacing, settings.window, int(settings.network["out_channels"]), folds,
+        settings.ensemble == "vote", network_cost,
+    )  # fmt: skip
+    budget = memory.Budget.detect(device, held_bytes=pet.nbytes)
+    return memory.plan_autopet(str(path), case, settings.tile_batch_size, budget, device)
+
+
 def predict_case(
     case: Case, stages: StageLog, *, model_socket: str, networks: Sequence[nn.Module], settings: Settings,
-    device: torch.device,
+    device: torch.device, network_cost: memory.NetworkCost,
 ) -> None:
-    """Read the PET of ``case``, check its companions, segment, and write ``case.output`` atomically."""
+    """Read the PET of ``case``, check its companions, plan the memory, segment, and write ``case.output``
+    atomically."""
     with stages.stage("read"):
         for socket, path in case.inputs.items():
             if socket != model_socket:
                 check_companion(path)
         pet, geometry = read_image(case.inputs[model_socket])
-    labels = segment(pet, geometry, networks, settings, device, stages)
+    plan = plan_memory(case.inputs[model_socket], pet, geometry, len(networks), settings, network_cost, device)
+    log.info(plan.line())
+    labels = segment(pet, geometry, networks, settings, device, stages, plan.tiling_options())
     with stages.stage("write"):
         write_label_map(case.output, labels, geometry)
 
@@ -361,8 +385,11 @@ def run(args: argparse.Namespace, config: dict) -> int:
     names = ", ".join(p.name for p in checkpoints)
     log.info("autopet2: %d case(s), checkpoint(s) %s, ensemble %s", len(cases), names, settings.ensemble)
     networks = load_networks(checkpoints, settings, args.device)
+    tile = (int(settings.network["in_channels"]), *settings.window)
+    cost = memory.network_cost(networks[0], tile, autocast_dtype_for(args.device))
     predict = partial(
-        predict_case, model_socket=sockets.inputs[0], networks=networks, settings=settings, device=args.device
+        predict_case, model_socket=sockets.inputs[0], networks=networks, settings=settings, device=args.device,
+        network_cost=cost,
     )
     code = summarize(run_cases(cases, predict, args.device))
     if code == EXIT_OK and settings.write_data_centric_json:

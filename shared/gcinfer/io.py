@@ -113,7 +113,8 @@ def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
+        target = f" (dangling symlink to {os.readlink(path)})" if path.is_symlink() else ""
+        raise InputError(f"{path}: file not found{target}")
     if path.name.lower().endswith(".gz"):
         _check_gzip_complete(path)
     try:
@@ -160,7 +161,8 @@ def atomic_path(path: Path | str, suffix: str) -> Iterator[Path]:
 
 
 def write_label_map(path: Path | str, labels: np.ndarray, geometry: Geometry) -> Path:
-    """Write a (z, y, x) label map as compressed uint8 with exactly ``geometry``, atomically.
+    """Write a (z, y, x) label map as compressed uint8 with exactly ``geometry``, atomically: the temporary file is
+    read back and compared before it is renamed into place.
 
     Raises:
         ValueError: ``labels`` does not match ``geometry.shape_zyx`` or has values outside 0..255.
@@ -171,10 +173,15 @@ def write_label_map(path: Path | str, labels: np.ndarray, geometry: Geometry) ->
         raise ValueError(f"{path}: label map shape {labels.shape} != image shape {geometry.shape_zyx} (z, y, x)")
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise ValueError(f"{path}: labels outside 0..255 cannot be stored as uint8")
-    image = geometry.apply_to(sitk.GetImageFromArray(labels.astype(np.uint8, copy=False)))
+    labels = labels.astype(np.uint8, copy=False)
+    image = geometry.apply_to(sitk.GetImageFromArray(labels))
     with atomic_path(path, image_suffix(path) or ".mha") as tmp:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=True)
+            written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp)))
         except RuntimeError as error:
             raise InputError(f"{path}: cannot write output ({_reader_cause(error)})") from None
+        # SimpleITK reports no error when a small write fails (full disk, file size limit): read the file back
+        if not np.array_equal(written, labels):
+            raise InputError(f"{path}: cannot write output (the written file does not read back: disk full?)")
     return path

@@ -39,7 +39,11 @@ class Case:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and image_suffix(p))
+    """The image files of ``folder``, sorted; hidden files are skipped, dangling symlinks are not (reading them
+    fails with a message naming them)."""
+    return sorted(
+        p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith(".") and image_suffix(p)
+    )
 
 
 def _check_inputs_json(input_dir: Path, sockets: Sockets) -> None:

@@ -65,12 +65,13 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # nnU-Net v1 host costs, bytes per voxel (Nc: voxels of the non-zero crop, Nt: of a configuration's network input)
 NNUNET_CROP_PER_VOXEL = 32
 """``ImageCropper.crop``: float32 copy, the mask and its hole filling, and the three int64 arrays of ``np.where``."""
-NNUNET_CROPPED_PER_VOXEL = 12
-"""What a crop keeps: float32 image and the non-zero mask as int64 "segmentation" (-1 outside)."""
+NNUNET_CROPPED_PER_VOXEL = 5
+"""What a crop keeps: float32 image and the non-zero mask as int8 (``gcinfer.nnunet_v1.crop`` casts nnU-Net's int64)."""
 NNUNET_PREPROCESS_PER_VOXEL = ((42, 10), (22, 32))
 """``Configuration.preprocess`` with 3D resampling: the largest of these (per Nc, per Nt) forms (float64 copies of the
 image and of the int64 mask, spline prefilters, outputs), plus :data:`NNUNET_PREPROCESS_FIXED`. Measured peaks:
-7.06 GB (Nc 157 M, Nt 126 M) and 6.68 GB (Nc 157 M, Nt 80 M) at full size, 150-690 MB at 2-8 M voxels."""
+7.06 GB (Nc 157 M, Nt 126 M) and 6.68 GB (Nc 157 M, Nt 80 M) at full size, 150-690 MB at 2-8 M voxels, measured
+while the int64 mask was resampled for every scheme: an upper bound now that CT configurations skip it."""
 NNUNET_PREPROCESS_SEPARATE_Z_PER_VOXEL = ((42, 10), (16, 76))
 """The same with separate-z resampling, whose ``map_coordinates`` step builds int64 and float64 grids of Nt."""
 NNUNET_PREPROCESS_FIXED = 32 * 2**20
@@ -450,11 +451,11 @@ def tiling_phases(
     Predicting: the input on the device (and its zero-padded copy when smaller than the patch), the accumulator
     ``(K, *padded)`` and the importance sum ``(1, *padded)`` in the tiling dtype where the choice puts them, the
     Gaussian map, the tile buffers, the prediction's copy to the host when accumulating there, and the network's
-    forward pass (its output included). Tile buffers: ``(B, C, *patch)`` the batch and the next one while it is
-    stacked, and with mirroring the flipped batch; ``(B, K, *patch)`` float32 the previous batch's prediction (still
-    referenced), the softmax and the weighted copy, and with mirroring the flip sum, its flip back and the total.
-    Returning: the accumulator, the importance sum, the last batch and its prediction, and the cropped or cast
-    result ``(K, *shape)`` in ``result_dtype`` (no copy when neither cropped nor cast).
+    forward pass (its output included). Tile buffers (a batch and its prediction are freed before the next batch is
+    stacked): ``(B, C, *patch)`` the batch, and with mirroring the flipped batch; ``(B, K, *patch)`` float32 the
+    softmax and the weighted copy, and with mirroring the flip sum, its flip back and the total.
+    Returning: the accumulator, the importance sum and the cropped or cast result ``(K, *shape)`` in
+    ``result_dtype`` (no copy when neither cropped nor cast).
     """
     k, c, patch = tiling.num_classes, tiling.channels, math.prod(tiling.patch_size)
     batch, acc_bytes, on = choice.tile_batch_size, choice.tiling_dtype.itemsize, choice.tiling_on_device
@@ -466,7 +467,7 @@ def tiling_phases(
         Buffer("importance sum", acc_bytes * tiling.padded_voxels, on),
         Buffer("weights", weights_on_device, True),
     ]
-    tiles = (3 * c + 5 * k) if tiling.mirrored else (2 * c + 3 * k)
+    tiles = (2 * c + 5 * k) if tiling.mirrored else (c + 2 * k)
     last = [
         Buffer("gaussian", 4 * patch, on),
         Buffer("tile predictions on host", 0 if on else 4 * batch * patch * k, False),
@@ -479,7 +480,6 @@ def tiling_phases(
     copied = tiling.padded or result_dtype != choice.tiling_dtype
     returning = [
         *last,
-        Buffer("last tile batch", 4 * batch * patch * (c + k), True),
         Buffer("tiling result", result_dtype.itemsize * k * tiling.voxels if copied else 0, on),
     ]
     return [Phase("predict", tuple(common + predicting)), Phase("predict end", tuple(common + returning))]

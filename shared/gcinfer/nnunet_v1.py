@@ -62,6 +62,8 @@ with quiet(), warnings.catch_warnings():
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "model_final_checkpoint"
+MASK_FREE_SCHEMES = ("CT", "CT2", "noNorm")
+"""nnU-Net v1 normalisation schemes that ignore the non-zero mask unless ``use_mask_for_norm`` asks for it."""
 """Checkpoint name inside each ``fold_<k>`` folder, as the AMOS 2022 inference used."""
 
 _NUMPY_CHECKPOINT_GLOBALS = [
@@ -79,7 +81,8 @@ class Cropped:
 
     Attributes:
         data: ``(C, z, y, x)`` float32, the crop.
-        seg: ``(1, z, y, x)`` int, -1 outside the non-zero mask, 0 inside (used by ``use_mask_for_norm``).
+        seg: ``(1, z, y, x)`` int8, -1 outside the non-zero mask, 0 inside (used by ``use_mask_for_norm``;
+            nnU-Net keeps it as int64, 8 bytes a voxel, for the same values).
         properties: nnU-Net's case properties: ``original_size_of_raw_data``, ``original_spacing`` (z, y, x),
             ``itk_origin``/``itk_spacing``/``itk_direction``, ``crop_bbox`` (``[[z0, z1], [y0, y1], [x0, x1]]``),
             ``size_after_cropping`` (z, y, x), ``classes``.
@@ -134,7 +137,7 @@ def crop(channels: np.ndarray, geometry: Geometry) -> Cropped:
     )
     with quiet():
         data, seg, properties = ImageCropper.crop(channels.astype(np.float32), properties)
-    return Cropped(data, seg, properties)
+    return Cropped(data, seg.astype(np.int8), properties)
 
 
 @dataclass(frozen=True)
@@ -178,12 +181,22 @@ class Configuration:
         """
         axes = (0, *[a + 1 for a in self.transpose_forward])
         data = np.array(cropped.data.transpose(axes))
-        seg = np.array(cropped.seg.transpose(axes))
+        seg = np.array(cropped.seg.transpose(axes)) if self.normalisation_reads_mask(len(data)) else None
         with quiet():
             data, _, properties = self.preprocessor.resample_and_normalize(
                 data, self.target_spacing, copy.deepcopy(cropped.properties), seg, force_separate_z=None
             )
         return Preprocessed(data.astype(np.float32), properties)
+
+    def normalisation_reads_mask(self, channels: int) -> bool:
+        """Whether nnU-Net's normalisation of these channels reads the resampled non-zero mask: channels normalised
+        within it (``use_mask_for_norm``) and the per-image z-score schemes (which take its shape); the ``CT``,
+        ``CT2`` and ``noNorm`` schemes without the mask do not, so the mask is then not resampled at all."""
+        preprocessor = self.preprocessor
+        return any(
+            preprocessor.use_nonzero_mask[c] or preprocessor.normalization_scheme_per_modality[c] not in MASK_FREE_SCHEMES
+            for c in range(channels)
+        )
 
     @contextlib.contextmanager
     def networks_on(self, device: torch.device) -> Iterator[list[torch.nn.Module]]:

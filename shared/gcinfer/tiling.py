@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("nnunet", "monai")
 OUTPUTS = ("probabilities", "logits")
+ACCUMULATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 SIGMA_SCALE = 0.125  # sigma = patch / 8 in both references
 _SCIPY_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default kernel radius, in sigmas
 _MONAI_MIN_WEIGHT = 1e-3  # compute_importance_map clamps the map to at least this
@@ -231,6 +232,7 @@ def _predict_on(
     tile_batch_size: int,
     autocast_dtype: torch.dtype | None,
     accumulate_dtype: torch.dtype,
+    result_dtype: torch.dtype,
     probabilities: bool,
     device: torch.device,
     result_device: torch.device,
@@ -239,7 +241,7 @@ def _predict_on(
     """One tiled prediction with the networks (already) on ``device`` and the accumulator on ``result_device``.
 
     Returns:
-        ``(K, *image.shape[1:])`` float32 on ``result_device``.
+        ``(K, *image.shape[1:])`` ``result_dtype`` on ``result_device``.
     """
     padded, crop = pad_to_patch(image.to(device), patch_size)
     padded_size = padded.shape[1:]
@@ -261,9 +263,10 @@ def _predict_on(
                     region.add_(tile_prediction)
                 else:
                     region.addcmul_(tile_prediction, weight_map)
+            del batch, prediction, tile_prediction, region  # freed before the next batch is built
             bar.update(len(batch_tiles))
     result = accumulator.div_(importance)[(slice(None), *crop)]
-    return result.to(torch.float32).contiguous()  # no copy unless cropped or cast
+    return result.to(result_dtype).contiguous()  # no copy unless cropped or cast
 
 
 def _fallback_attempts(device: torch.device, result_device: torch.device) -> list[tuple[torch.device, torch.device]]:
@@ -326,6 +329,7 @@ def _validate(
     overlap: float,
     mirror_axes: Sequence[int],
     tile_batch_size: int,
+    accumulate_dtype: torch.dtype,
     output: str,
 ) -> None:
     """Raise ValueError for arguments the engine cannot honour."""
@@ -343,6 +347,11 @@ def _validate(
         raise ValueError(f"mirror_axes must be distinct spatial axes among 0, 1, 2, got {mirror_axes}")
     if tile_batch_size < 1:
         raise ValueError(f"tile_batch_size must be at least 1, got {tile_batch_size}")
+    if accumulate_dtype not in ACCUMULATE_DTYPES:
+        raise ValueError(
+            f"accumulate_dtype must be one of {ACCUMULATE_DTYPES}, got {accumulate_dtype} (float16 flushes the"
+            " Gaussian weights at tile corners, ~e^-24, to 0: their voxels would be 0/0)"
+        )
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
@@ -360,6 +369,7 @@ def predict_tiled(
     tile_batch_size: int = 1,
     autocast_dtype: torch.dtype | None = None,
     accumulate_dtype: torch.dtype = torch.float32,
+    result_dtype: torch.dtype = torch.float32,
     output: str = "probabilities",
     weights: Sequence[float] | None = None,
     device: torch.device | str | None = None,
@@ -383,7 +393,9 @@ def predict_tiled(
         tile_batch_size: tiles per forward pass.
         autocast_dtype: None (off), ``torch.float16`` or ``torch.bfloat16``; autocast only where the device
             supports it. Outputs are cast to float32 before the softmax.
-        accumulate_dtype: dtype of the accumulator and the importance sum.
+        accumulate_dtype: dtype of the accumulator and the importance sum, one of :data:`ACCUMULATE_DTYPES`
+            (bfloat16 halves the accumulator's memory; float16 is refused, its range is too small).
+        result_dtype: dtype of the result; the accumulator's own (e.g. bfloat16) returns it without a float32 copy.
         output: ``"probabilities"`` (mean of the softmax over mirrors and networks) or ``"logits"`` (mean of the
             logits).
         weights: per-network ensemble weights, normalised to sum 1; None for equal weights.
@@ -393,7 +405,7 @@ def predict_tiled(
         progress: tqdm bar over tiles; None shows it only when stderr is a terminal.
 
     Returns:
-        ``(K, X, Y, Z)`` float32 on ``result_device``; on the CPU after an out-of-memory fallback.
+        ``(K, X, Y, Z)`` ``result_dtype`` on ``result_device``; on the CPU after an out-of-memory fallback.
 
     On ``torch.OutOfMemoryError`` the prediction is retried, with a warning logged, first accumulating on the CPU
     while the tiles still run on ``device``, then fully on the CPU (networks moved there and back); the error is
@@ -406,7 +418,7 @@ def predict_tiled(
     networks = [networks] if isinstance(networks, torch.nn.Module) else list(networks)
     if not networks:
         raise ValueError("at least one network is needed")
-    _validate(image, patch_size, mode, step_size, overlap, mirror_axes, tile_batch_size, output)
+    _validate(image, patch_size, mode, step_size, overlap, mirror_axes, tile_batch_size, accumulate_dtype, output)
     flips = mirror_flips(mirror_axes)
     coefficients = [w / len(flips) for w in _normalised_weights(weights, len(networks))]
     device = torch.device(device) if device is not None else image.device
@@ -420,6 +432,7 @@ def predict_tiled(
         gaussian=gaussian,
         tile_batch_size=tile_batch_size,
         accumulate_dtype=accumulate_dtype,
+        result_dtype=result_dtype,
         probabilities=output == "probabilities",
         progress=sys.stderr.isatty() if progress is None else progress,
     )
