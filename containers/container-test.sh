@@ -27,7 +27,8 @@ phase() {
 }
 
 report() {
-    printf '\n%s\n' "${TIMES[@]}"
+    printf '\n'
+    printf '%s\n' "${TIMES[@]}"
     printf '%-34s %5ss\n' "container-test total" "$((SECONDS - START))"
     df -h "${GCINFER_PODMAN_DIR:-/var/tmp/gcinfer-podman}" "$ROOT" | sed 's/^/  /'
 }

@@ -753,6 +753,27 @@ def test_autopet_output_is_byte_identical_across_runs(
     assert (again.output / name).read_bytes() == (run.output / name).read_bytes()
 
 
+def test_cuda_runs_use_deterministic_algorithms(monkeypatch) -> None:
+    """On CUDA the runner switches cuDNN's autotuner off (nnU-Net's trainer switches it on) and deterministic
+    kernels on; the switches need no GPU. On the CPU nothing is changed."""
+    from gcinfer.runner import run_cases
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.backends.cudnn.benchmark = True
+        run_cases([], lambda case, stages: None, torch.device("cpu"), progress=False)
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        run_cases([], lambda case, stages: None, torch.device("cuda"), progress=False)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+
+
 # --- the generated table ----------------------------------------------------------------------------------------------
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +73,50 @@ def _run(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedPr
     return subprocess.run(
         [bash, REPOSITORY / script, *args], capture_output=True, text=True, env=env, cwd=REPOSITORY, timeout=120
     )
+
+
+IMAGES = {"amos_task1": "amos", "amos_task2": "amos", "autopet2": "autopet"}
+
+
+def _pins(name: str) -> dict[str, str]:
+    """``containers/requirements/<name>.txt`` as {normalised distribution name: version}; every line pinned."""
+    pins = {}
+    for line in (REPOSITORY / "containers" / "requirements" / f"{name}.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            match = re.fullmatch(r"([A-Za-z0-9_.-]+)==([0-9][0-9A-Za-z.]*)", line)
+            assert match, f"{name}.txt: not pinned: {line!r}"
+            pins[re.sub(r"[-_.]+", "-", match[1]).lower()] = match[2]
+    return pins
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_dockerfile_follows_grand_challenge_rules(name: str) -> None:
+    """A pinned CUDA base tag (never latest), amd64, the pinned requirements of its pipeline, the non-root ``user``
+    last, nothing written to /tmp at build time, its own folder as /opt/algorithm, and a build context that holds
+    what the Dockerfile reads."""
+    text = (REPOSITORY / "docker" / name / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+):(\S+)$", text, re.M)
+    assert base and base[1] == "pytorch/pytorch" and base[2] != "latest" and "cuda" in base[2]
+    assert re.findall(r"^FROM .*$", text, re.M) == ["FROM --platform=linux/amd64 ${BASE_IMAGE}"]
+    assert f"requirements/base.txt -r /var/tmp/containers/requirements/{IMAGES[name]}.txt" in text
+    assert re.findall(r"^USER (\S+)$", text, re.M) == ["user"]
+    assert not re.search(r"(?<!/var)/tmp\b", text), "writes to /tmp at build time"
+    assert f"COPY --chown=root:root docker/{name}/ /opt/algorithm/" in text
+    ignore = (REPOSITORY / ".dockerignore").read_text().splitlines()
+    for needed in ("!shared/gcinfer/", "!containers/pip-install.sh", "!containers/requirements/", f"!docker/{name}/"):
+        assert needed in ignore
+
+
+def test_image_requirements_pin_the_library_dependencies() -> None:
+    """base.txt pins every runtime dependency of shared/pyproject.toml (torch comes from the base image), and the
+    pipelines' pins equal the references the test suite runs."""
+    pyproject = tomllib.loads((REPOSITORY / "shared" / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~ ]", d)[0].lower() for d in pyproject["dependencies"]} - {"torch"}
+    assert set(_pins("base")) == declared
+    for extra, image in (("amos", "amos"), ("autopet", "autopet")):
+        for requirement in pyproject["optional-dependencies"][extra]:
+            distribution, version = requirement.split("==")
+            assert _pins(image)[distribution] == version == metadata.version(distribution)
 
 
 def test_build_without_any_engine_fails_clearly(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 
 import torch
@@ -24,6 +25,21 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
 def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
     """fp16 autocast on CUDA (as the reference submissions ran), none elsewhere."""
     return torch.float16 if device.type == "cuda" else None
+
+
+def use_deterministic_algorithms(device: torch.device) -> None:
+    """Make predictions on ``device`` repeatable: the same input gives byte-identical outputs.
+
+    cuDNN's autotuner off (nnU-Net v1's trainer switches it on when it is built) and deterministic kernels where
+    PyTorch has them (a warning, not an error, for ops without one; cuBLAS gets the workspace setting it needs, before
+    its first use). CPU kernels are deterministic already for a fixed thread count.
+    """
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def peak_rss_bytes() -> int:

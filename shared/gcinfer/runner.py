@@ -17,7 +17,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from gcinfer.devices import peak_device_bytes, peak_rss_bytes, reset_peak_device_bytes
+from gcinfer.devices import (
+    peak_device_bytes,
+    peak_rss_bytes,
+    reset_peak_device_bytes,
+    use_deterministic_algorithms,
+)
 from gcinfer.io import InputError
 from gcinfer.layout import Case
 
@@ -93,7 +98,8 @@ def run_cases(
     device: torch.device,
     progress: bool | None = None,
 ) -> list[CaseResult]:
-    """Run ``predict_case`` on every case; a failing case is logged and skipped.
+    """Run ``predict_case`` on every case, with deterministic algorithms on ``device``; a failing case is logged and
+    skipped.
 
     Args:
         cases: the cases; those with ``error`` set are reported as failed without running.
@@ -104,6 +110,7 @@ def run_cases(
     Returns:
         One :class:`CaseResult` per case, in order.
     """
+    use_deterministic_algorithms(device)
     results = []
     disable = not sys.stderr.isatty() if progress is None else not progress
     for case in tqdm(cases, desc="cases", unit="case", disable=disable):
