@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from torch import nn
 
 from gcinfer import memory
 from gcinfer.devices import autocast_dtype_for
-from gcinfer.io import Geometry, InputError, atomic_path, read_image, write_label_map
+from gcinfer.io import Geometry, InputError, atomic_path, read_header, read_image, write_label_map
 from gcinfer.layout import Case, Sockets, discover_cases
 from gcinfer.runner import EXIT_OK, StageLog, run_cases, summarize
 from gcinfer.spatial import SpatialPlan, plan_spatial
@@ -307,12 +306,7 @@ def check_companion(path: Path) -> None:
     Raises:
         InputError: unreadable or not 3D.
     """
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise InputError(f"{path}: cannot read image header ({str(error).strip().splitlines()[-1]})") from None
+    reader = read_header(path)
     if reader.GetDimension() != 3:
         raise InputError(f"{path}: expected a 3D image, got {reader.GetDimension()}D of size {reader.GetSize()}")
 

@@ -32,7 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from gcinfer.demo import TASKS, DemoTask
-from gcinfer.io import Geometry, InputError, case_name, image_suffix, read_image
+from gcinfer.io import Geometry, InputError, case_name, image_suffix, read_header, read_image
 from gcinfer.layout import Case, Sockets, discover_cases
 from gcinfer.metrics import LesionScores, dice_per_label, summarize_scores
 from gcinfer.metrics import score_study as score_lesions
@@ -59,12 +59,7 @@ def sockets_of(config: dict, source: Path) -> Sockets:
 
 def header_geometry(path: Path) -> Geometry:
     """The :class:`Geometry` of an image file, from its header only."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise InputError(f"{path}: cannot read image header ({str(error).strip().splitlines()[-1]})") from None
+    reader = read_header(path)
     return Geometry(
         tuple(int(s) for s in reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()),
         tuple(reader.GetDirection()),

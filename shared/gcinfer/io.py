@@ -100,6 +100,21 @@ def _check_gzip_complete(path: Path) -> None:
         raise InputError(f"{path}: cannot read image (corrupt or truncated gzip data: {error})") from None
 
 
+def read_header(path: Path | str) -> sitk.ImageFileReader:
+    """The reader of ``path`` after it has read the image header only (size, spacing, dimension, pixel type).
+
+    Raises:
+        InputError: the header cannot be read; the message names the file.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(f"{path}: cannot read image header ({str(error).strip().splitlines()[-1]})") from None
+    return reader
+
+
 def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
     """Read a 3D scalar image and validate it.
 
