@@ -8,26 +8,17 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
+from gcinfer.fixtures.petct import rotation
 from gcinfer.io import Geometry
 from gcinfer.spatial import plan_spatial, ras_affine, resample
 
 AUTOPET_SPACING = (2.03642011, 2.03642011, 3.0)
-
-
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    i, k = [a for a in range(3) if a != axis]
-    m = np.eye(3)
-    m[i, i], m[i, k], m[k, i], m[k, k] = c, -s, s, c
-    return m
-
-
 DIRECTIONS = {
     "identity": np.eye(3),
     "flips": np.diag([-1.0, 1.0, -1.0]),
     "permutation": np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),
-    "oblique": _rotation(0, 5.0) @ _rotation(2, 15.0) @ np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]),
-    "strongly-oblique": _rotation(0, 30.0) @ _rotation(1, -20.0),
+    "oblique": rotation(0, 5.0) @ rotation(2, 15.0) @ np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]),
+    "strongly-oblique": rotation(0, 30.0) @ rotation(1, -20.0),
 }
 
 
