@@ -110,13 +110,16 @@ def task2_run(fixtures_dir, tmp_path_factory, clean_tmpdir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def task1_reference(fixtures_dir, tmp_path_factory) -> dict[str, Path]:
-    """The reference pipeline (same models, folds 0 1, TTA, post-processing) on the task 1 sample case whose image
-    has a zero border, so that nnU-Net's crop and the paste back are exercised."""
-    (case,) = [p for p in inputs_of(fixtures_dir, "task1") if has_zero_face(read_image(p)[0])]
-    config, work = CONFIGS["task1"], tmp_path_factory.mktemp("task1_reference")
-    models = copy_models(fixtures_dir / "amos_task1" / "model", config["models"], work / "models")
-    return run_reference(models, config["models"], FOLDS, [case], work / "run", config["postprocessing"])
+def references(fixtures_dir, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """The reference pipeline (same models, folds 0 1, TTA, post-processing) per task on its sample case whose image
+    has a zero border, so that nnU-Net's crop and the paste back are exercised (task 2: the MRI)."""
+    outputs = {}
+    for task in ("task1", "task2"):
+        (case,) = [p for p in inputs_of(fixtures_dir, task) if has_zero_face(read_image(p)[0])]
+        config, work = CONFIGS[task], tmp_path_factory.mktemp(f"{task}_reference")
+        models = copy_models(fixtures_dir / f"amos_{task}" / "model", config["models"], work / "models")
+        outputs[task] = run_reference(models, config["models"], FOLDS, [case], work / "run", config["postprocessing"])
+    return outputs
 
 
 def test_task1_writes_only_the_label_maps(task1_run, fixtures_dir, clean_tmpdir) -> None:
@@ -148,16 +151,22 @@ def test_dice_against_phantom_truth(task, task1_run, task2_run, fixtures_dir) ->
         assert mean >= 0.8, scores
 
 
-def test_task1_parity_with_reference(task1_run, task1_reference, fixtures_dir) -> None:
-    for name, reference_path in task1_reference.items():
+@pytest.mark.parametrize("task", ["task1", "task2"])
+def test_parity_with_reference(task, task1_run, task2_run, references) -> None:
+    """Identical label maps: the float32 ensemble reproduces upstream's float16 mean and so its frequent exact ties
+    (a float16 running mean broke 8 of ~10^6 voxels the other way); at most one voxel may differ by float32
+    rounding in the tiling (max abs difference ~2e-7 from nnU-Net's) crossing a float16 rounding boundary."""
+    run = {"task1": task1_run, "task2": task2_run}[task]
+    for name, reference_path in references[task].items():
         reference, reference_geometry = read_image(reference_path)
-        ours, geometry = read_image(task1_run["output"] / f"{name}.nii.gz")
-        identical = float(np.mean(ours == reference))
-        scores = dice_per_label(ours, reference)
-        print(f"task1 {name}: identical voxels {100 * identical:.3f} %, min label Dice {min(scores.values()):.4f}")
-        assert geometry == reference_geometry
-        assert identical >= 0.995
-        assert min(scores.values()) >= 0.98, scores
+        output = next(p for p in files_under(run["output"]) if case_name(p) == name)
+        ours, geometry = read_image(output)
+        differing = int(np.count_nonzero(ours != reference))
+        print(f"{task} {name}: {differing} of {reference.size} voxels differ")
+        assert geometry.shape_zyx == reference_geometry.shape_zyx
+        np.testing.assert_allclose(geometry.spacing, reference_geometry.spacing, rtol=1e-6)
+        np.testing.assert_allclose(geometry.direction, reference_geometry.direction, atol=1e-6)
+        assert differing <= 1
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from monai.networks.nets import DynUNet
 
 GIB = memory.GIB
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-FP32, BF16 = torch.float32, torch.bfloat16
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
 # --- limits and budgets -----------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_tiling_model_bounds_what_the_engine_holds(name: str) -> None:
     )
     tiling = memory.Tiling(shape[1:], patch, k, shape[0], mirrored=bool(options.get("mirror_axes")))
     cost = memory.network_cost(network, (shape[0], *patch), None)
-    phases = memory.tiling_phases(tiling, memory.Choice(dtype, True, True, batch), cost, FP32, 0, ())
+    phases = memory.tiling_phases(tiling, memory.Choice(dtype, FP32, True, True, batch), cost, FP32, 0, ())
     modelled = memory.estimate(phases, shared=True).host - 4 * image.numel()  # the input exists before the call
     assert measured <= modelled <= 2 * measured  # fixed tile costs weigh here; accumulators dominate at full size
 
@@ -165,22 +165,22 @@ def test_tiling_model_bounds_what_the_engine_holds(name: str) -> None:
 
 def test_candidates_prefer_precision_then_device_then_batch() -> None:
     choices = memory.candidates(4)
-    assert choices[0] == memory.Choice(FP32, True, True, 4)
+    assert choices[0] == memory.Choice(FP32, FP32, True, True, 4)
     assert [c.tile_batch_size for c in choices[:3]] == [4, 2, 1]
-    assert choices[3] == memory.Choice(FP32, True, False, 4)
-    assert choices[6] == memory.Choice(FP32, False, False, 4)
-    assert choices[9] == memory.Choice(memory.REDUCED_DTYPE, True, True, 4)
-    assert len(choices) == 18 and len(set(choices)) == 18
+    assert choices[3] == memory.Choice(FP32, FP32, True, False, 4)
+    assert choices[6] == memory.Choice(FP32, FP32, False, False, 4)
+    assert choices[9] == memory.Choice(FP32, FP16, True, True, 4)
+    assert choices[18] == memory.Choice(memory.REDUCED_DTYPE, FP16, True, True, 4)
+    assert len(choices) == 27 and len(set(choices)) == 27
     single = memory.candidates(1, ensemble=False)
-    assert single == [memory.Choice(d, p, p, 1) for d in (FP32, BF16) for p in (True, False)]
+    assert single == [memory.Choice(d, FP32, p, p, 1) for d in (FP32, BF16) for p in (True, False)]
 
 
 def synthetic_phases(choice: memory.Choice) -> list[memory.Phase]:
     """Accumulators of 8 GiB (fp32) on the chosen pools, 1 GiB per tile."""
-    scale = choice.tiling_dtype.itemsize / 4
     return [memory.Phase("predict", (
-        memory.Buffer("tiling", int(6 * GIB * scale), choice.tiling_on_device),
-        memory.Buffer("ensemble", int(2 * GIB * scale), choice.ensemble_on_device),
+        memory.Buffer("tiling", int(6 * GIB * choice.tiling_dtype.itemsize / 4), choice.tiling_on_device),
+        memory.Buffer("ensemble", int(2 * GIB * choice.ensemble_dtype.itemsize / 4), choice.ensemble_on_device),
         memory.Buffer("tiles", choice.tile_batch_size * GIB, True),
         memory.Buffer("crop", GIB, False),
     ))]  # fmt: skip
@@ -189,11 +189,12 @@ def synthetic_phases(choice: memory.Choice) -> list[memory.Phase]:
 @pytest.mark.parametrize(
     ("device_gib", "host_gib", "expected"),
     [
-        (20, 4, memory.Choice(FP32, True, True, 2)),
-        (9.5, 4, memory.Choice(FP32, True, True, 1)),
-        (8, 4, memory.Choice(FP32, True, False, 2)),
-        (3, 16, memory.Choice(FP32, False, False, 2)),
-        (6, 3, memory.Choice(BF16, True, True, 2)),
+        (20, 4, memory.Choice(FP32, FP32, True, True, 2)),
+        (9.5, 4, memory.Choice(FP32, FP32, True, True, 1)),
+        (8, 4, memory.Choice(FP32, FP32, True, False, 2)),
+        (8, 1.5, memory.Choice(FP32, FP16, True, True, 1)),
+        (3, 16, memory.Choice(FP32, FP32, False, False, 2)),
+        (6, 3, memory.Choice(BF16, FP16, True, True, 2)),
     ],
 )
 def test_the_first_choice_that_fits_wins(device_gib: float, host_gib: float, expected: memory.Choice) -> None:
@@ -206,7 +207,7 @@ def test_the_first_choice_that_fits_wins(device_gib: float, host_gib: float, exp
 def test_a_case_that_fits_nowhere_is_refused_naming_it() -> None:
     budget = memory.Budget(int(0.5 * GIB), 2 * GIB)
     with pytest.raises(memory.MemoryPlanError, match=(
-        r"^in/big.mha: too large for this machine's memory: even with tiling bf16 on host, ensemble on host, "
+        r"^in/big.mha: too large for this machine's memory: even with tiling bf16 on host, ensemble fp16 on host, "
         r"1 tile\(s\)/batch it needs 1.0 GiB on cuda \(0.5 GiB available\) and 5.0 GiB of host memory "
         r"\(2.0 GiB available\)$"
     )):  # fmt: skip
@@ -215,17 +216,17 @@ def test_a_case_that_fits_nowhere_is_refused_naming_it() -> None:
 
 def test_shared_pools_add_device_and_host_buffers() -> None:
     plan = memory.choose("case", synthetic_phases, memory.candidates(2), memory.Budget(None, 12 * GIB), CPU)
-    assert plan.choice == memory.Choice(FP32, True, True, 2)
+    assert plan.choice == memory.Choice(FP32, FP32, True, True, 2)
     assert plan.estimate.host == 11 * GIB and plan.estimate.device == 0
     assert plan.line() == (
-        "case: memory plan: tiling fp32 on cpu, ensemble on cpu, 2 tile(s)/batch | host 11.0/12.0 GiB (predict)"
+        "case: memory plan: tiling fp32 on cpu, ensemble fp32 on cpu, 2 tile(s)/batch | host 11.0/12.0 GiB (predict)"
     )
 
 
 def test_plan_line_names_both_pools_and_their_peak_phases() -> None:
     plan = memory.choose("amos_0001", synthetic_phases, memory.candidates(2), memory.Budget(9 * GIB, 8 * GIB), CUDA)
     assert plan.line() == (
-        "amos_0001: memory plan: tiling fp32 on cuda, ensemble on cuda, 1 tile(s)/batch "
+        "amos_0001: memory plan: tiling fp32 on cuda, ensemble fp32 on cuda, 1 tile(s)/batch "
         "| cuda 9.0/9.0 GiB (predict) | host 1.0/8.0 GiB (predict)"
     )
     assert plan.tiling_device == CUDA and plan.ensemble_device == CUDA
@@ -306,14 +307,14 @@ def amos_full_size(shape_zyx=(600, 512, 512), spacing=(1.25, 0.78, 0.78)) -> mem
 def test_full_size_amos_case_fits_a_t4_with_the_ensemble_on_the_host() -> None:
     budget = memory.Budget.detect(CUDA, device_bytes=memory.T4_FREE_BYTES, host_bytes=20 * GIB)
     plan = memory.plan_amos("amos_full", amos_full_size(), 2, budget, CUDA)
-    assert plan.choice == memory.Choice(FP32, True, False, 1)
+    assert plan.choice == memory.Choice(FP32, FP32, True, False, 1)
     assert plan.estimate.device <= budget.device and plan.estimate.device_phase == "predict 2"
     k, n0 = 16, 600 * 512 * 512
     assert plan.estimate.host >= 2 * k * n0  # the ensemble accumulator lives there
 
 
 def test_full_size_amos_accumulators_dominate_the_device_estimate() -> None:
-    case, choice = amos_full_size(), memory.Choice(FP32, True, True, 2)
+    case, choice = amos_full_size(), memory.Choice(FP32, FP16, True, True, 2)
     phase = next(p for p in memory.amos_phases(case, choice) if p.name == "predict 2")
     sizes = {b.name: b.nbytes for b in phase.buffers}
     nt = math.prod(case.configurations[1].tiling.shape)
@@ -348,7 +349,7 @@ def test_full_size_autopet_case_on_a_t4_reduces_the_tile_batch_only_when_needed(
         cost = memory.NetworkCost(124 * 2**20, activations, 62 * 2**20)
         case = memory.AutopetCase.of(geometry, 4, (2.03642011, 2.03642011, 3.0), (128, 128, 128), 2, 5, True, cost)
         plan = memory.plan_autopet("case", case, 8, budget, CUDA)
-        assert plan.choice == memory.Choice(FP32, True, True, batch)
+        assert plan.choice == memory.Choice(FP32, FP32, True, True, batch)
 
 
 # --- the planner in the pipelines ---------------------------------------------------------------------------------
@@ -376,7 +377,7 @@ def test_pipelines_log_one_plan_per_case(name: str, fixtures_dir: Path, tmp_path
     plans = [r.getMessage() for r in caplog.records if "memory plan:" in r.getMessage()]
     assert [p.split(": memory plan: ")[0] for p in plans] == [str(p) for p in named]
     for line in plans:  # the CPU's single pool, the preferred choice for these small cases
-        assert re.search(r": memory plan: tiling fp32 on cpu, (ensemble on cpu, )?\d+ tile\(s\)/batch \| host "
+        assert re.search(r": memory plan: tiling fp32 on cpu, ensemble fp32 on cpu, \d+ tile\(s\)/batch \| host "
                          r"\d+\.\d/\d+\.\d GiB \(\w[\w ]*\)$", line), line  # fmt: skip
 
 

@@ -9,23 +9,25 @@ everything on the device and nothing written but the final label map. Per case:
 2. per configuration: preprocess as nnU-Net v1 does for its plans (:mod:`gcinfer.nnunet_v1`), predict all its
    folds in one tiled pass (:func:`gcinfer.tiling.predict_tiled`, nnU-Net mode: step 0.5, Gaussian, 8 mirrors,
    fp16 autocast on CUDA), resample that fold mean per channel to the crop's shape (trilinear, as the AMOS
-   inference code does), transpose it back and add it, divided by the number of configurations, to the
-   ensemble accumulator;
-3. argmax into the full image (background outside the crop), organ-wise post-processing
+   inference code does), transpose it back and add it to the ensemble accumulator (:func:`accumulate`);
+3. argmax of the float16 mean over configurations into the full image (background outside the crop), organ-wise
+   post-processing
    (:func:`gcinfer.postprocessing.postprocess_organs`, cupy on CUDA when installed), write uint8 with the
    input's geometry.
 
 Memory (``K`` classes, ``Nc`` voxels in the crop, ``Nt`` voxels of a configuration's network input):
 
-- ensemble accumulator: ``(K, *crop)`` **float16** (``2 K Nc`` bytes), holding the running mean over
-  configurations. It is the largest buffer (a 512 x 512 x 300 CT with 16 classes: 2.5 GB instead of 5 GB in
-  float32); upstream stored each configuration's softmax in float16 (its npz) before averaging, and adding
-  ``p / n_configurations`` keeps the values in [0, 1], where float16 resolves 2**-11;
+- ensemble accumulator: ``(K, *crop)``, the largest buffer, in the memory plan's ensemble dtype
+  (:mod:`gcinfer.memory`). float32 (``4 K Nc`` bytes) when it fits: the sum of each configuration's softmax
+  rounded to float16, as upstream stores it in its npz: upstream's float16 mean by the same arithmetic, so that
+  its ties break the same way (they are frequent: float16 resolves 2**-11 near 0.5). Otherwise float16 (``2 K Nc``; a 512 x 512 x
+  300 CT with 16 classes: 2.5 GB instead of 5 GB), the running mean ``sum p / n_configurations``;
 - a configuration's tiled prediction: ``(K, *network input)`` float32 (``4 K Nt`` bytes), the tiling engine's
   accumulator, freed once resampled; folds and mirrors are summed inside each tile by the engine;
 - resampling: one ``Nc`` float32 channel at a time; argmax: a few slices at a time; labels: ``uint8``.
 
-So the working memory is ``2 K Nc + 4 K Nt`` plus small terms, whatever the number of folds and configurations.
+So the working memory is ``4 K Nc + 4 K Nt`` (or ``2 K Nc + 4 K Nt``) plus small terms, whatever the number of
+folds and configurations.
 The weights of one configuration's folds are on the device at a time (one network per fold, restored once per
 run and kept on the host): that costs ``folds x weights`` of device memory but lets the engine run every fold
 on each tile in one pass, where reloading one network per fold would need a second ``4 K Nt`` accumulator.
@@ -54,8 +56,6 @@ from gcinfer.tiling import predict_tiled
 
 log = logging.getLogger("gcinfer")
 
-ENSEMBLE_DTYPE = torch.float16
-"""dtype of the cross-configuration accumulator (see the module docstring)."""
 ARGMAX_SLICES = 8
 """Slices (first axis) per argmax step: bounds the int64 argmax temporary."""
 
@@ -154,21 +154,40 @@ def load_configurations(model_dir: Path, settings: Settings) -> list[nnunet_v1.C
     return configurations
 
 
+def accumulate(accumulator: torch.Tensor, channel: torch.Tensor, configurations: int) -> None:
+    """Add one configuration's resampled probabilities of one class to the ensemble accumulator's channel.
+
+    float32 accumulator: the channel rounded to float16, as upstream stores it in its npz, and summed as upstream's
+    ``merge`` does (numpy's mean of float16 arrays sums in float32); float16: the running mean, ``channel /
+    configurations`` (half the memory; ties of upstream's float16 mean may break differently).
+    """
+    if accumulator.dtype == torch.float32:
+        accumulator.add_(channel.to(accumulator.device, torch.float16))
+    else:
+        accumulator.add_(channel.to(accumulator.device), alpha=1.0 / configurations)
+
+
+def ensemble_mean(accumulated: torch.Tensor, configurations: int) -> torch.Tensor:
+    """The float16 mean over configurations of a part of the accumulator: a float32 sum divided and rounded as
+    numpy's float16 mean does; a float16 running mean as it is."""
+    return accumulated.div(configurations).half() if accumulated.dtype == torch.float32 else accumulated
+
+
 def ensemble_probabilities(
     cropped: nnunet_v1.Cropped, pipeline: Pipeline, plan: memory.Plan, stages: StageLog
 ) -> torch.Tensor:
-    """Mean over configurations of each configuration's mean softmax over folds and mirrors, on the crop.
+    """Each configuration's mean softmax over folds and mirrors, on the crop, accumulated (:func:`accumulate`).
 
-    The tiling accumulates in ``plan``'s dtype on ``plan.tiling_device``; the ensemble lives on
-    ``plan.ensemble_device``.
+    The tiling accumulates in ``plan``'s tiling dtype on ``plan.tiling_device``; the ensemble is
+    ``plan.choice.ensemble_dtype`` on ``plan.ensemble_device``.
 
     Returns:
-        ``(K, z, y, x)`` :data:`ENSEMBLE_DTYPE` on ``plan.ensemble_device``, the crop's shape (``size_after_cropping``).
+        ``(K, z, y, x)`` on ``plan.ensemble_device``, the crop's shape (``size_after_cropping``): float32 sums or a
+        float16 mean (:func:`ensemble_mean` gives the mean of either).
     """
     device, settings, choice = pipeline.device, pipeline.settings, plan.choice
-    first = pipeline.configurations[0]
-    total = torch.zeros((first.num_classes, *cropped.shape), dtype=ENSEMBLE_DTYPE, device=plan.ensemble_device)
-    weight = 1.0 / len(pipeline.configurations)
+    first, count = pipeline.configurations[0], len(pipeline.configurations)
+    total = torch.zeros((first.num_classes, *cropped.shape), dtype=choice.ensemble_dtype, device=plan.ensemble_device)
     for configuration in pipeline.configurations:
         with stages.stage("preprocess"):
             image = torch.from_numpy(configuration.preprocess(cropped).data).to(device)
@@ -184,22 +203,25 @@ def ensemble_probabilities(
             size = [cropped.shape[axis] for axis in configuration.transpose_forward]
             channels = resize_channels_trilinear(probabilities, size)
             for accumulator, channel in zip(total, channels):
-                accumulator.add_(channel.permute(configuration.transpose_backward).to(total.device), alpha=weight)
+                accumulate(accumulator, channel.permute(configuration.transpose_backward), count)
         del probabilities, channels
     return total
 
 
-def labels_in_image(probabilities: torch.Tensor, cropped: nnunet_v1.Cropped, geometry: Geometry) -> torch.Tensor:
-    """Argmax of the crop's probabilities pasted into the full image, background outside the crop.
+def labels_in_image(
+    accumulated: torch.Tensor, configurations: int, cropped: nnunet_v1.Cropped, geometry: Geometry
+) -> torch.Tensor:
+    """Argmax (first class of a tie, as numpy's) of the crop's float16 ensemble mean (:func:`ensemble_mean` of the
+    ``accumulated`` ensemble), pasted into the full image, background outside the crop.
 
     Returns:
-        ``(z, y, x)`` uint8 of ``geometry.shape_zyx`` on ``probabilities``' device.
+        ``(z, y, x)`` uint8 of ``geometry.shape_zyx`` on ``accumulated``'s device.
     """
-    labels = torch.zeros(geometry.shape_zyx, dtype=torch.uint8, device=probabilities.device)
+    labels = torch.zeros(geometry.shape_zyx, dtype=torch.uint8, device=accumulated.device)
     region = labels[cropped.bbox]
     for start in range(0, region.shape[0], ARGMAX_SLICES):
         step = slice(start, start + ARGMAX_SLICES)
-        region[step] = probabilities[:, step].argmax(0)
+        region[step] = ensemble_mean(accumulated[:, step], configurations).argmax(0)
     return labels
 
 
@@ -248,7 +270,7 @@ def predict_case(case: Case, pipeline: Pipeline, stages: StageLog) -> None:
     del image
     probabilities = ensemble_probabilities(cropped, pipeline, plan, stages)
     with stages.stage("argmax"):
-        labels = labels_in_image(probabilities, cropped, geometry)
+        labels = labels_in_image(probabilities, len(pipeline.configurations), cropped, geometry)
     del probabilities
     table = pipeline.settings.postprocessing
     with stages.stage("postprocess"):

@@ -6,7 +6,9 @@ container (exit code 137) and the case is lost. Before predicting a case, :func:
 models the memory its pipeline will use for the case's size, number of classes and configuration, and picks the
 first :class:`Choice` that fits both budgets, in this order of preference (results first, then speed):
 
-1. float32 accumulators, else 16-bit ones (:data:`REDUCED_DTYPE`);
+1. precision (:data:`AMOS_PRECISIONS`, :data:`AUTOPET_PRECISIONS`): float32 accumulators (AMOS: the ensemble exactly
+   as upstream computes it), else a float16 ensemble (AMOS), else a 16-bit tiling accumulator too
+   (:data:`REDUCED_DTYPE`);
 2. the tiling accumulator on the device, else on the host (the tiles still run on the device; nnU-Net v1 itself
    accumulated on the host);
 3. the ensemble accumulator on the device (AMOS), else on the host;
@@ -230,9 +232,16 @@ def estimate(phases: Sequence[Phase], shared: bool) -> Estimate:
 
 @dataclass(frozen=True)
 class Choice:
-    """Where and in which dtype a case's accumulators live, and how many tiles run per forward pass."""
+    """Where and in which dtype a case's accumulators live, and how many tiles run per forward pass.
+
+    Attributes:
+        tiling_dtype: the tiling engine's accumulator and result.
+        ensemble_dtype: the AMOS cross-configuration accumulator (``gcinfer.amos``: float32 holds upstream's exact
+            sum, float16 a running mean); AutoPET's fold accumulator is float32 whatever this says.
+    """
 
     tiling_dtype: torch.dtype
+    ensemble_dtype: torch.dtype
     tiling_on_device: bool
     ensemble_on_device: bool
     tile_batch_size: int
@@ -241,7 +250,8 @@ class Choice:
         where = lambda on_device: str(device) if on_device else "host"  # noqa: E731
         return (
             f"tiling {_dtype_name(self.tiling_dtype)} on {where(self.tiling_on_device)}, "
-            f"ensemble on {where(self.ensemble_on_device)}, {self.tile_batch_size} tile(s)/batch"
+            f"ensemble {_dtype_name(self.ensemble_dtype)} on {where(self.ensemble_on_device)}, "
+            f"{self.tile_batch_size} tile(s)/batch"
         )
 
 
@@ -249,19 +259,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
+AMOS_PRECISIONS = ((torch.float32, torch.float32), (torch.float32, torch.float16), (REDUCED_DTYPE, torch.float16))
+"""AMOS (tiling dtype, ensemble dtype), preferred first: upstream's exact result; a float16 running mean of the
+configurations (ties of upstream's float16 values may then break the other way); a 16-bit tiling accumulator."""
+AUTOPET_PRECISIONS = ((torch.float32, torch.float32), (REDUCED_DTYPE, torch.float32))
+"""AutoPET (tiling dtype, fold accumulator dtype), preferred first."""
+
+
 def candidates(tile_batch_size: int, ensemble: bool = True) -> list[Choice]:
     """Every choice, most preferred first (see the module docstring).
 
     Args:
         tile_batch_size: the configured tiles per forward pass; halved down to 1 by the later choices.
-        ensemble: the pipeline has an ensemble accumulator whose placement is chosen apart from the tiling's
-            (never on the device while the tiling accumulates on the host).
+        ensemble: the pipeline has an ensemble accumulator (AMOS) whose dtype and placement are chosen apart from
+            the tiling's (never on the device while the tiling accumulates on the host); else the AutoPET choices.
     """
     batches = sorted({max(tile_batch_size >> k, 1) for k in range(max(tile_batch_size, 1).bit_length())}, reverse=True)
     placements = ((True, True), (True, False), (False, False)) if ensemble else ((True, True), (False, False))
     return [
-        Choice(dtype, tiling, ensemble_on_device, batch)
-        for dtype in (torch.float32, REDUCED_DTYPE)
+        Choice(tiling_dtype, ensemble_dtype, tiling, ensemble_on_device, batch)
+        for tiling_dtype, ensemble_dtype in (AMOS_PRECISIONS if ensemble else AUTOPET_PRECISIONS)
         for tiling, ensemble_on_device in placements
         for batch in batches
     ]
@@ -511,7 +528,6 @@ class AmosCase:
         image_itemsize: bytes per voxel of the image as read.
         num_classes: K, background included.
         configurations: in prediction order.
-        ensemble_dtype: dtype of the cross-configuration accumulator.
         weights_on_host: the networks already live where they run (CPU device), so their weights are not added.
     """
 
@@ -519,7 +535,6 @@ class AmosCase:
     image_itemsize: int
     num_classes: int
     configurations: tuple[AmosConfiguration, ...]
-    ensemble_dtype: torch.dtype = torch.float16
     weights_on_host: bool = False
 
     @property
@@ -587,15 +602,18 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
     - per configuration: preprocess (the crop, nnU-Net's resampling, the ensemble accumulator ``(K, *crop)``),
       the tiled prediction (:func:`tiling_phases`, result in the tiling dtype, the configuration's fold weights on
       the device) and the per-channel resampling back to the crop (the ensemble, the prediction, one resampled
-      channel where the tiling is, and its copy where the ensemble is when that differs);
-    - argmax into the uint8 label map ``(z, y, x)`` where the ensemble is (int64 argmax of 8 slices at a time);
+      channel where the tiling is, its copy where the ensemble is when that differs, and its float16 rounding
+      when the ensemble is float32);
+    - argmax into the uint8 label map ``(z, y, x)`` where the ensemble is (8 slices at a time: their float16 mean,
+      from a float32 quotient when the ensemble is float32, and the int64 argmax);
     - post-processing and writing on the host.
     The crop (:data:`NNUNET_CROPPED_PER_VOXEL`) stays on the host throughout.
     """
     n0, k = case.voxels, case.num_classes
     cropped = Buffer("nnU-Net crop", NNUNET_CROPPED_PER_VOXEL * n0, False)
-    ensemble = Buffer("ensemble accumulator", case.ensemble_dtype.itemsize * k * n0, choice.ensemble_on_device)
-    slab = 8 * n0 // case.image_shape[0] * 8  # ARGMAX_SLICES slices of int64
+    ensemble = Buffer("ensemble accumulator", choice.ensemble_dtype.itemsize * k * n0, choice.ensemble_on_device)
+    slab_voxels = 8 * n0 // case.image_shape[0]  # ARGMAX_SLICES slices
+    slab = slab_voxels * (8 + (6 * k if choice.ensemble_dtype == torch.float32 else 0))
     phases = [
         Phase("read", (Buffer("image", 2 * case.image_itemsize * n0, False),)),
         Phase("crop", (Buffer("image", case.image_itemsize * n0, False),
@@ -614,6 +632,8 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
                 Buffer("probabilities", choice.tiling_dtype.itemsize * k * tiling.voxels, on),
                 Buffer("resampled channel", channel, on),
                 Buffer("channel copy", channel if on != choice.ensemble_on_device else 0, choice.ensemble_on_device),
+                Buffer("float16 channel", 2 * n0 if choice.ensemble_dtype == torch.float32 else 0,
+                       choice.ensemble_on_device),
             )),
         ], str(number))  # fmt: skip
     phases += [
