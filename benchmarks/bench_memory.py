@@ -285,11 +285,14 @@ def measure(name: str, work: Path, amos_configurations: int) -> dict:
 
 def t4_estimates(name: str) -> dict:
     """The planner's device estimates on a T4 with the real architectures, all on the device with the configured
-    tile batch: ``fp16`` (autocast and 16-bit accumulators) and ``fp32``; and the plan it picks for a T4 whose host
+    tile batch: ``fp16`` (autocast, bfloat16 tiling, AMOS: float16 ensemble) and ``fp32`` (all float32, the AMOS
+    ensemble exact); and the plan it picks for a T4 whose host
     has 15 GiB minus :data:`GC_BASELINE_BYTES` and (AMOS) the fold weights kept there."""
     cuda = torch.device("cuda")
     row = {}
-    for label, compute, accumulators in (("fp16", torch.float16, memory.REDUCED_DTYPE), ("fp32", None, torch.float32)):
+    variants = (("fp16", torch.float16, memory.REDUCED_DTYPE, torch.float16 if name == "amos" else torch.float32),
+                ("fp32", None, torch.float32, torch.float32))  # fmt: skip
+    for label, compute, tiling_dtype, ensemble_dtype in variants:
         if name == "amos":
             case, phases_of, planner = amos_t4(compute), memory.amos_phases, memory.plan_amos
             batch = int(amos_config()["tile_batch_size"])
@@ -297,7 +300,8 @@ def t4_estimates(name: str) -> dict:
         else:
             batch = autopet_settings().tile_batch_size
             case, phases_of, planner, on_host = autopet_t4(compute), memory.autopet_phases, memory.plan_autopet, 0
-        row[label] = memory.estimate(phases_of(case, memory.Choice(accumulators, True, True, batch)), False).device
+        choice = memory.Choice(tiling_dtype, ensemble_dtype, True, True, batch)
+        row[label] = memory.estimate(phases_of(case, choice), False).device
         if compute is not None:
             budget = memory.Budget.detect(cuda, device_bytes=memory.T4_FREE_BYTES,
                                           host_bytes=LIMIT_BYTES - GC_BASELINE_BYTES - on_host)  # fmt: skip
