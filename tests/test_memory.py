@@ -397,6 +397,7 @@ def test_a_case_that_fits_nowhere_fails_before_any_work(
         code, named, written = pipeline_run(fixtures_dir, name, tmp_path / "out")
     assert code == 1 and written == []
     for path in named:
-        assert re.search(f"FAILED .*{re.escape(str(path))}: too large for this machine's memory: even with tiling "
-                         r"bf16 on \w+, .*GiB of host memory \(0.0 GiB available\)", caplog.text), caplog.text  # fmt: skip
+        expected = (f"FAILED .*{re.escape(str(path))}: too large for this machine's memory: even with tiling "
+                    r"bf16 on \w+, .*GiB of host memory \(0.0 GiB available\)")  # fmt: skip
+        assert re.search(expected, caplog.text), caplog.text
     assert predictions == []

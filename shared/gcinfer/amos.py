@@ -20,8 +20,9 @@ Memory (``K`` classes, ``Nc`` voxels in the crop, ``Nt`` voxels of a configurati
 - ensemble accumulator: ``(K, *crop)``, the largest buffer, in the memory plan's ensemble dtype
   (:mod:`gcinfer.memory`). float32 (``4 K Nc`` bytes) when it fits: the sum of each configuration's softmax
   rounded to float16, as upstream stores it in its npz: upstream's float16 mean by the same arithmetic, so that
-  its ties break the same way (they are frequent: float16 resolves 2**-11 near 0.5). Otherwise float16 (``2 K Nc``; a 512 x 512 x
-  300 CT with 16 classes: 2.5 GB instead of 5 GB), the running mean ``sum p / n_configurations``;
+  its ties break the same way (they are frequent: float16 resolves 2**-11 near 0.5). Otherwise float16
+  (``2 K Nc``; a 512 x 512 x 300 CT with 16 classes: 2.5 GB instead of 5 GB), the running mean
+  ``sum p / n_configurations``;
 - a configuration's tiled prediction: ``(K, *network input)`` float32 (``4 K Nt`` bytes), the tiling engine's
   accumulator, freed once resampled; folds and mirrors are summed inside each tile by the engine;
 - resampling: one ``Nc`` float32 channel at a time; argmax: a few slices at a time; labels: ``uint8``.

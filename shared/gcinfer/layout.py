@@ -42,7 +42,9 @@ def _images_in(folder: Path) -> list[Path]:
     """The image files of ``folder``, sorted; hidden files are skipped, dangling symlinks are not (reading them
     fails with a message naming them)."""
     return sorted(
-        p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith(".") and image_suffix(p)
+        p
+        for p in folder.iterdir()
+        if (p.is_file() or p.is_symlink()) and not p.name.startswith(".") and image_suffix(p)
     )
 
 

@@ -192,11 +192,8 @@ class Configuration:
         """Whether nnU-Net's normalisation of these channels reads the resampled non-zero mask: channels normalised
         within it (``use_mask_for_norm``) and the per-image z-score schemes (which take its shape); the ``CT``,
         ``CT2`` and ``noNorm`` schemes without the mask do not, so the mask is then not resampled at all."""
-        preprocessor = self.preprocessor
-        return any(
-            preprocessor.use_nonzero_mask[c] or preprocessor.normalization_scheme_per_modality[c] not in MASK_FREE_SCHEMES
-            for c in range(channels)
-        )
+        masked, schemes = self.preprocessor.use_nonzero_mask, self.preprocessor.normalization_scheme_per_modality
+        return any(masked[c] or schemes[c] not in MASK_FREE_SCHEMES for c in range(channels))
 
     @contextlib.contextmanager
     def networks_on(self, device: torch.device) -> Iterator[list[torch.nn.Module]]:
