@@ -169,6 +169,33 @@ def test_parity_with_reference(task, task1_run, task2_run, references) -> None:
         assert differing <= 1
 
 
+@pytest.mark.parametrize(
+    ("precision", "minimum"),
+    [((torch.float32, torch.float16), 0.99995), ((torch.bfloat16, torch.float16), 0.9995)],
+    ids=["fp16-ensemble", "bf16-tiling"],
+)
+def test_reduced_precision_plans_stay_close_to_the_exact_run(
+    precision, minimum, task2_run, fixtures_dir, tmp_path, monkeypatch, caplog
+) -> None:
+    """The planner's fallbacks when memory is short, forced: a float16 running-mean ensemble, then bfloat16 tiling
+    too. Their plan line says so, and their labels stay close to the exact run's (the float32 ensemble)."""
+    from gcinfer import memory
+
+    monkeypatch.setattr(memory, "AMOS_PRECISIONS", (precision,))
+    with caplog.at_level(logging.INFO, logger="gcinfer"):
+        code = gcinfer("amos-task2", task2_run["inputs"], tmp_path, fixtures_dir / "amos_task2" / "model",
+                       *folds_option())  # fmt: skip
+    assert code == 0
+    tiling, ensemble = ("fp32" if precision[0] == torch.float32 else "bf16"), "fp16"
+    plans = [r.getMessage() for r in caplog.records if "memory plan:" in r.getMessage()]
+    assert plans and all(f"memory plan: tiling {tiling} on cpu, ensemble {ensemble} on cpu" in p for p in plans)
+    for exact in files_under(task2_run["output"]):
+        ours = read_image(tmp_path / exact.relative_to(task2_run["output"]))[0]
+        identical = float(np.mean(ours == read_image(exact)[0]))
+        print(f"{precision} {exact.name}: {100 * identical:.4f} % identical to the exact run")
+        assert identical >= minimum
+
+
 @pytest.fixture(scope="module")
 def edge_cases(fixtures_dir, tmp_path_factory, clean_tmpdir) -> dict:
     """Odd geometries, a corrupt file and an all-zero image in one folder; one configuration, fold 0, no TTA, no
