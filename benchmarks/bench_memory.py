@@ -191,7 +191,7 @@ def run_amos(work: Path, configuration_count: int) -> dict:
     source = work / "amos" / "in" / "amos_full.mha"
     case = Case("amos_full", {"ct-image": source}, work / "amos" / "out" / "amos_full.mha")
     estimate = memory.AmosCase.of(AMOS_SHAPE, 2, AMOS_SPACING, configurations, costs, bool(settings.mirror_axes), cpu)
-    plan = cpu_plan(lambda budget: memory.plan_amos(case.name, estimate, settings.tile_batch_size, budget, cpu))
+    plan = cpu_estimate(lambda budget: memory.plan_amos(case.name, estimate, settings.tile_batch_size, budget, cpu))
     start = time.perf_counter()
     amos.predict_case(case, pipeline, StageLog(case.name, cpu))
     return {"seconds": time.perf_counter() - start, **plan, **check_output(case.output, source)}
@@ -228,7 +228,7 @@ def run_autopet(work: Path) -> dict:
     case = Case("case", inputs, work / "autopet" / "out" / "case.mha")
     cpu = torch.device("cpu")
     estimate = autopet_case(autopet_geometry(), settings, None, networks[0])
-    plan = cpu_plan(lambda budget: memory.plan_autopet(case.name, estimate, settings.tile_batch_size, budget, cpu))
+    plan = cpu_estimate(lambda budget: memory.plan_autopet(case.name, estimate, settings.tile_batch_size, budget, cpu))
     start = time.perf_counter()
     autopet.predict_case(case, StageLog(case.name, cpu), model_socket="pet", networks=networks, settings=settings,
                          device=cpu, network_cost=estimate.network)  # fmt: skip
@@ -238,14 +238,14 @@ def run_autopet(work: Path) -> dict:
 # --- measuring --------------------------------------------------------------------------------------------------------
 
 
-def cpu_plan(plan_for) -> dict:
-    """The planner's plan for this CPU run, under the address-space limit that stands for the container's."""
-    budget = memory.Budget.detect(torch.device("cpu"))
+def cpu_estimate(plan_for) -> dict:
+    """The planner's host estimate for this CPU run (under the address-space limit that stands for the container's),
+    with what the process holds already; None when the planner refuses the case (the pipeline then fails too)."""
     try:
-        plan = plan_for(budget)
-    except memory.MemoryPlanError as error:
-        return {"cpu_plan": f"refused: {error}", "cpu_estimate": None}
-    return {"cpu_plan": plan.choice.describe("cpu"), "cpu_estimate": plan.estimate.host + status_bytes("VmRSS")}
+        plan = plan_for(memory.Budget.detect(torch.device("cpu")))
+    except memory.MemoryPlanError:
+        return {"cpu_estimate": None}
+    return {"cpu_estimate": plan.estimate.host + status_bytes("VmRSS")}
 
 
 def check_output(output: Path, source: Path) -> dict:
@@ -346,9 +346,8 @@ def main() -> int:
             continue
         ok = run["peak_rss"] < LIMIT_BYTES and run["output_ok"]
         failed |= not ok
-        used = run["pipeline_plan"] or f"(pipeline without planner; planner: {run['cpu_plan']})"
         print(f"| {name} | {shapes[name]} | {classes[name]} | {t4['plan']} | {gib(t4['fp16'])} | {gib(t4['fp32'])} "
-              f"| {used} | {gib(run['cpu_estimate'])} | {gib(run['peak_rss'])}{'' if ok else ' **OVER 15 GiB**'} "
+              f"| {run['pipeline_plan']} | {gib(run['cpu_estimate'])} | {gib(run['peak_rss'])}{'' if ok else ' **OVER 15 GiB**'} "
               f"| {run['seconds']:.0f} s |")
     print(f"\nT4 budget: {gib(memory.T4_FREE_BYTES)} free minus {memory.DEVICE_MARGIN:.0%} margin; host: 15 GiB "
           f"minus {gib(GC_BASELINE_BYTES)} and the AMOS fold weights. Peak RSS limit {gib(LIMIT_BYTES)}. AMOS CPU run: "
