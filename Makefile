@@ -6,21 +6,25 @@ STAMP := $(VENV)/.gcinfer-installed
 CACHE ?= .cache
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench fixtures container-test clean
+.PHONY: install demo test lint bench fixtures container-test clean
 
 install: $(STAMP)
 
-$(STAMP): shared/pyproject.toml
+$(STAMP): shared/pyproject.toml devtools/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
-	$(PIP) install --quiet --disable-pip-version-check -e "shared[test]"
+	$(PIP) install --quiet --disable-pip-version-check -e shared -e devtools
 	touch $(STAMP)
 
 fixtures: install
 	$(VENV)/bin/gcinfer make-fixtures $(CACHE)/fixtures --seed 0
 
 demo: fixtures
-	$(PY) -m gcinfer.demo --fixtures $(CACHE)/fixtures --output demo_output
+	$(PY) -m gcinfer_dev.demo --fixtures $(CACHE)/fixtures --output demo_output
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: install
 	$(VENV)/bin/pytest -q tests

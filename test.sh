@@ -18,7 +18,7 @@
 #                    on the first case; the model folder then offers all five folds (folds 2-4 are links to
 #                    the fixture's folds 0 and 1)
 #   image            the image runs as a non-root user, is linux/amd64, and has an empty /tmp
-# Checks (python -m gcinfer.checks outputs): the expected files and only those, uint8 on each input's grid,
+# Checks (python -m gcinfer_dev.checks outputs): the expected files and only those, uint8 on each input's grid,
 # voxel-identical to the library's output for the same input and weights computed here on the host, and the
 # mean Dice against the phantom ground truth at or above the demo's target (AMOS organs 0.8, AutoPET lesions 0.7).
 # Exit 0 only if every run passes; a summary table at the end.
@@ -65,7 +65,7 @@ five_fold_model() {
 host_reference() {
     local name=$1 input=$2 model=$3 config=$ROOT/docker/$1/config.json key
     shift 3
-    key=$("$PY" -m gcinfer.checks fingerprint "$config" "$input" "$model" --extra "$name $*")
+    key=$("$PY" -m gcinfer_dev.checks fingerprint "$config" "$input" "$model" --extra "$name $*")
     REFERENCE=$REFERENCES/$name-$key
     [[ -d $REFERENCE ]] && return 0
     rm -rf "$REFERENCE.part"
@@ -111,10 +111,10 @@ run_workspace() {
         "$(tag_of "$name")" python run_inference.py >"$logfile" 2>&1
 }
 
-# check_run NAME MODE SECONDS INPUT OUTPUT REFERENCE: python -m gcinfer.checks outputs, recorded
+# check_run NAME MODE SECONDS INPUT OUTPUT REFERENCE: python -m gcinfer_dev.checks outputs, recorded
 check_run() {
     local name=$1 mode=$2 seconds=$3 input=$4 output=$5 reference=$6 report=$5.check
-    if "$PY" -m gcinfer.checks outputs "$name" --config "$ROOT/docker/$name/config.json" --input "$input" \
+    if "$PY" -m gcinfer_dev.checks outputs "$name" --config "$ROOT/docker/$name/config.json" --input "$input" \
         --output "$output" --reference "$reference" --labels "$FIXTURES/$name/labels" \
         --max-mismatch "$MAX_MISMATCH" >"$report" 2>&1; then
         record "$name" "$mode" pass "$seconds" "$(tail -n 1 "$report")"
@@ -155,14 +155,14 @@ check_image() {
 test_image() {
     local name=$1 dir=$WORK/$1 args=()
     local fixture=$FIXTURES/$name
-    read -r -a args <<<"$("$PY" -m gcinfer.checks fixture-args "$name")"
+    read -r -a args <<<"$("$PY" -m gcinfer_dev.checks fixture-args "$name")"
     mkdir -p "$dir"
     [[ $LOCAL -eq 1 ]] || check_image "$name"
     log "$name: the library's reference output on the host"
     host_reference "$name" "$fixture/input" "$fixture/model" "${args[@]}" || return 0
     local reference=$REFERENCE
     local input=$dir/gc-input
-    "$PY" -m gcinfer.checks gc-input "$fixture/input" "$input" --config "$ROOT/docker/$name/config.json" >/dev/null
+    "$PY" -m gcinfer_dev.checks gc-input "$fixture/input" "$input" --config "$ROOT/docker/$name/config.json" >/dev/null
     log "$name: grand-challenge run"
     fresh_output "$dir/gc-output"
     if timed_run "$name" grand-challenge "$dir/gc.log" \

@@ -111,7 +111,7 @@ main() {
     fi
     export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
     log "staging the studies of $dataset in $WORK"
-    "$PY" -m gcinfer.checks autopet-stage "$dataset" "$WORK" --config "$CONFIG" >/dev/null
+    "$PY" -m gcinfer_dev.checks autopet-stage "$dataset" "$WORK" --config "$CONFIG" >/dev/null
     STUDIES=()
     declare -gA INPUTS=()
     while IFS=$'\t' read -r study input _; do
@@ -120,7 +120,7 @@ main() {
     done <"$WORK/studies.tsv"
     log "${#STUDIES[@]} studies, $JOBS at a time, weights $MODEL"
     run_all
-    "$PY" -m gcinfer.checks autopet-score "$WORK" --config "$CONFIG" --csv "$WORK/results.csv"
+    "$PY" -m gcinfer_dev.checks autopet-score "$WORK" --config "$CONFIG" --csv "$WORK/results.csv"
 }
 
 main "$@"

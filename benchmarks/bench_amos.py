@@ -33,7 +33,7 @@ REFERENCE_SCRIPT = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from amos_reference import run_reference
+from gcinfer_dev.references.amos import run_reference
 config = json.loads(Path({config!r}).read_text())
 inputs = [Path(p) for p in {inputs!r}]
 run_reference(Path({models!r}), config["models"], {folds!r}, inputs, Path({work!r}), config["postprocessing"])
@@ -67,8 +67,23 @@ def run_gcinfer(command: str, inputs: Path, model_dir: Path, scratch: Path) -> t
     output, tmpdir = scratch / "gcinfer_out", scratch / "gcinfer_tmp"
     tmpdir.mkdir()
     before = files_under(model_dir)
-    argv = [sys.executable, "-m", "gcinfer.cli", "-q", command, "--input", str(inputs), "--output", str(output),
-            "--model", str(model_dir), "--device", "cpu", "--folds", *map(str, FOLDS)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "gcinfer.cli",
+        "-q",
+        command,
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--folds",
+        *map(str, FOLDS),
+    ]
     measurement = measure(argv, {**os.environ, "TMPDIR": str(tmpdir)})
     expected = {output / p.name for p in inputs.glob("*.nii.gz")}
     extra = sum(size for path, size in files_under(output).items() if path not in expected)
@@ -86,9 +101,13 @@ def run_reference(folder: str, inputs: Path, model_dir: Path, scratch: Path) -> 
         shutil.copytree(model_dir / name, models / name)
     work = scratch / "reference_work"
     script = REFERENCE_SCRIPT.format(
-        tests=str(REPOSITORY / "tests"), config=str(config_path), models=str(models), folds=list(FOLDS),
-        inputs=[str(p) for p in sorted(inputs.glob("*.nii.gz"))], work=str(work),
-    )  # fmt: skip
+        tests=str(REPOSITORY / "tests"),
+        config=str(config_path),
+        models=str(models),
+        folds=list(FOLDS),
+        inputs=[str(p) for p in sorted(inputs.glob("*.nii.gz"))],
+        work=str(work),
+    )
     measurement = measure([sys.executable, "-c", script], {**os.environ, "TMPDIR": str(scratch)})
     final = work / "final"
     extra = sum(size for path, size in files_under(work).items() if path.parent != final)
@@ -117,18 +136,26 @@ def main() -> int:
             agreement = identical_fraction(ours_out, reference_out)
         rows.append((command, cases, reference, reference_extra, ours, ours_extra, agreement))
 
-    print("| task | cases | pipeline | wall time (s) | peak RSS (MiB) | bytes written besides outputs "
-          "| identical voxels |")  # fmt: skip
+    print(
+        "| task | cases | pipeline | wall time (s) | peak RSS (MiB) | bytes written besides outputs "
+        "| identical voxels |"
+    )
     print("|---|---|---|---|---|---|---|")
     for command, cases, reference, reference_extra, ours, ours_extra, agreement in rows:
         mib = lambda m: m.peak_rss_bytes / 2**20  # noqa: E731
-        print(f"| {command} | {cases} | reference (nnU-Net v1 pieces, CPU) | {reference.seconds:.1f} | "
-              f"{mib(reference):.0f} | {reference_extra:,} | |")  # fmt: skip
-        print(f"| {command} | {cases} | gcinfer | {ours.seconds:.1f} | {mib(ours):.0f} | {ours_extra:,} | "
-              f"{100 * agreement:.3f} % |")  # fmt: skip
-        print(f"| {command} | | **gcinfer / reference** (target) | **{ours.seconds / reference.seconds:.2f}x** "
-              f"(<= 0.5x) | **{ours.peak_rss_bytes / reference.peak_rss_bytes:.2f}x** (<= 1x) | "
-              f"**{ours_extra:,}** (0) | |")  # fmt: skip
+        print(
+            f"| {command} | {cases} | reference (nnU-Net v1 pieces, CPU) | {reference.seconds:.1f} | "
+            f"{mib(reference):.0f} | {reference_extra:,} | |"
+        )
+        print(
+            f"| {command} | {cases} | gcinfer | {ours.seconds:.1f} | {mib(ours):.0f} | {ours_extra:,} | "
+            f"{100 * agreement:.3f} % |"
+        )
+        print(
+            f"| {command} | | **gcinfer / reference** (target) | **{ours.seconds / reference.seconds:.2f}x** "
+            f"(<= 0.5x) | **{ours.peak_rss_bytes / reference.peak_rss_bytes:.2f}x** (<= 1x) | "
+            f"**{ours_extra:,}** (0) | |"
+        )
     return 0
 
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gcinfer.cli import default_config
-from gcinfer.fixtures.petct import make_pair, write_pair
 from gcinfer.io import read_image
+from gcinfer_dev import container_config
+from gcinfer_dev.fixtures.petct import make_pair, write_pair
 
 FINE_GRID = {"size": (200, 200, 200), "spacing": (1.5, 1.5, 1.5)}
 CASE_OVERRIDES = {"fixture": {}, "fine": {"overlap": 0.5}}
@@ -77,7 +77,7 @@ def _fine_pair(workdir: Path) -> Path:
 
 def _config(case: str, workdir: Path) -> Path:
     """The container config with the case's overrides, as a file both sides read."""
-    config = json.loads(default_config("autopet2").read_text())
+    config = json.loads(container_config("autopet2").read_text())
     path = workdir / "config.json"
     path.write_text(json.dumps({**config, **CASE_OVERRIDES[case]}))
     return path
@@ -87,12 +87,35 @@ def bench_case(inputs: Path, model: Path, config: Path, workdir: Path, repeat: i
     """Best times and largest peak RSS of each side on the single pair of ``inputs``."""
     pet = next((inputs / "images" / "pet").glob("*.mha"))
     commands = {
-        "gcinfer": [sys.executable, "-m", "gcinfer.cli", "--quiet", "--no-progress", "autopet2", "--device", "cpu",
-                    "--input", str(inputs), "--output", str(workdir / "ours"), "--model", str(model),
-                    "--config", str(config)],
-        "MONAI": [sys.executable, "-m", "gcinfer.autopet_reference", str(pet), str(model), str(workdir / "monai.mha"),
-                  "--config", str(config)],
-    }  # fmt: skip
+        "gcinfer": [
+            sys.executable,
+            "-m",
+            "gcinfer.cli",
+            "--quiet",
+            "--no-progress",
+            "autopet2",
+            "--device",
+            "cpu",
+            "--input",
+            str(inputs),
+            "--output",
+            str(workdir / "ours"),
+            "--model",
+            str(model),
+            "--config",
+            str(config),
+        ],
+        "MONAI": [
+            sys.executable,
+            "-m",
+            "gcinfer_dev.references.autopet",
+            str(pet),
+            str(model),
+            str(workdir / "monai.mha"),
+            "--config",
+            str(config),
+        ],
+    }
     runs: dict[str, list[Measurement]] = {name: [] for name in commands}
     for _ in range(repeat):
         for name, argv in commands.items():

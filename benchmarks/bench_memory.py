@@ -48,8 +48,10 @@ import torch
 from torch import nn
 
 from gcinfer import memory
+from gcinfer.cases import Case
 from gcinfer.io import Geometry, read_image
-from gcinfer.layout import Case
+from gcinfer.pipelines.amos import memory as amos_memory
+from gcinfer.pipelines.autopet import memory as autopet_memory
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 LIMIT_BYTES = 15 * memory.GIB
@@ -125,9 +127,18 @@ def amos_architecture(pools: tuple) -> nn.Module:
         from nnunet.network_architecture.generic_modular_residual_UNet import FabiansUNet, get_default_network_config
     props = get_default_network_config(3, None, norm_type="in")
     return FabiansUNet(
-        1, 32, (1, 2, 3, 4, 4, 4), 2, [(1, 1, 1), *pools], [(3, 3, 3)] * 6, props, AMOS_CLASSES, (1, 1, 1, 1, 1),
-        deep_supervision=False, max_features=320,
-    )  # fmt: skip
+        1,
+        32,
+        (1, 2, 3, 4, 4, 4),
+        2,
+        [(1, 1, 1), *pools],
+        [(3, 3, 3)] * 6,
+        props,
+        AMOS_CLASSES,
+        (1, 1, 1, 1, 1),
+        deep_supervision=False,
+        max_features=320,
+    )
 
 
 def amos_config() -> dict:
@@ -135,7 +146,7 @@ def amos_config() -> dict:
 
 
 def autopet_settings(overlap: float | None = None):
-    from gcinfer.autopet import load_settings
+    from gcinfer.pipelines.autopet.settings import load_settings
 
     config = json.loads((REPOSITORY / "docker" / "autopet2" / "config.json").read_text())
     if overlap is not None:
@@ -151,47 +162,69 @@ def amos_configurations(networks: list[nn.Module]) -> list:
     """nnunet_v1.Configuration objects of the three task 1 plans around the given networks (one per configuration)."""
     from nnunet.preprocessing import preprocessing
 
-    from gcinfer import nnunet_v1
+    from gcinfer.pipelines.amos import nnunet_v1
 
     intensities = {0: {"mean": 80.0, "sd": 120.0, "percentile_00_5": -1000.0, "percentile_99_5": 1500.0}}
     configurations = []
     for network, (name, target, patch, _) in zip(networks, AMOS_CONFIGURATIONS):
         preprocessor = getattr(preprocessing, name)({0: "CT"}, {0: False}, [0, 1, 2], intensities)
-        configurations.append(nnunet_v1.Configuration(
-            name, REPOSITORY, (0,), [network], 1, patch, AMOS_CLASSES, (0, 1, 2), (0, 1, 2), (0, 1, 2), preprocessor,
-            np.array(target),
-        ))  # fmt: skip
+        configurations.append(
+            nnunet_v1.Configuration(
+                name,
+                REPOSITORY,
+                (0,),
+                [network],
+                1,
+                patch,
+                AMOS_CLASSES,
+                (0, 1, 2),
+                (0, 1, 2),
+                (0, 1, 2),
+                preprocessor,
+                np.array(target),
+            )
+        )
     return configurations
 
 
-def amos_t4(variant: torch.dtype | None) -> memory.AmosCase:
+def amos_t4(variant: torch.dtype | None) -> amos_memory.AmosCase:
     """The full-size AMOS case with the real architectures, computing in ``variant`` (None: fp32)."""
     networks = [amos_architecture(pools) for *_, pools in AMOS_CONFIGURATIONS]
     configurations = amos_configurations(networks)
     costs = [memory.network_cost(n, (1, *c.patch_size), variant) for n, c in zip(networks, configurations)]
-    case = memory.AmosCase.of(AMOS_SHAPE, 2, AMOS_SPACING, configurations, costs, True, torch.device("cuda"))
+    case = amos_memory.AmosCase.of(AMOS_SHAPE, 2, AMOS_SPACING, configurations, costs, True, torch.device("cuda"))
     folds = tuple(dataclasses.replace(c, folds=AMOS_FOLDS) for c in case.configurations)
     return dataclasses.replace(case, configurations=folds)
 
 
 def run_amos(work: Path, configuration_count: int) -> dict:
-    from gcinfer import amos
-    from gcinfer.layout import Sockets
+    from gcinfer.config import Sockets
+    from gcinfer.pipelines.amos import pipeline as amos
     from gcinfer.runner import StageLog
 
     config = amos_config()
     configurations = amos_configurations([stand_in(1, AMOS_CLASSES) for _ in AMOS_CONFIGURATIONS])[:configuration_count]
     settings = amos.Settings(
-        Sockets(("ct-image",), "seg"), tuple(c.name for c in configurations), (0,), "model_final_checkpoint", 1.0, (),
-        int(config["tile_batch_size"]), config["postprocessing"],
-    )  # fmt: skip
+        Sockets(("ct-image",), "seg"),
+        tuple(c.name for c in configurations),
+        (0,),
+        "model_final_checkpoint",
+        1.0,
+        (),
+        int(config["tile_batch_size"]),
+        config["postprocessing"],
+    )
     cpu = torch.device("cpu")
-    costs = memory.amos_network_costs(configurations, cpu)
-    pipeline = amos.Pipeline(configurations, settings, cpu, tuple(costs))
+    costs = amos_memory.amos_network_costs(configurations, cpu)
+    pipeline = amos.AmosPipeline(configurations, settings, cpu, tuple(costs))
     source = work / "amos" / "in" / "amos_full.mha"
     case = Case("amos_full", {"ct-image": source}, work / "amos" / "out" / "amos_full.mha")
-    estimate = memory.AmosCase.of(AMOS_SHAPE, 2, AMOS_SPACING, configurations, costs, bool(settings.mirror_axes), cpu)
-    plan = cpu_estimate(lambda budget: memory.plan_amos(case.name, estimate, settings.tile_batch_size, budget, cpu))
+    estimate = amos_memory.AmosCase.of(
+        AMOS_SHAPE, 2, AMOS_SPACING, configurations, costs, bool(settings.mirror_axes), cpu
+    )
+    plan = cpu_estimate(
+        lambda budget: amos_memory.plan_amos(case.name, estimate, settings.tile_batch_size, budget, cpu)
+    )
     start = time.perf_counter()
     amos.predict_case(case, pipeline, StageLog(case.name, cpu))
     return {"seconds": time.perf_counter() - start, **plan, **check_output(case.output, source)}
@@ -200,25 +233,28 @@ def run_amos(work: Path, configuration_count: int) -> dict:
 # --- AutoPET ----------------------------------------------------------------------------------------------------------
 
 
-def autopet_case(geometry: Geometry, settings, variant: torch.dtype | None, network: nn.Module) -> memory.AutopetCase:
+def autopet_case(
+    geometry: Geometry, settings, variant: torch.dtype | None, network: nn.Module
+) -> autopet_memory.AutopetCase:
     cost = memory.network_cost(network, (1, *settings.window), variant)
     classes = int(settings.network["out_channels"])
-    return memory.AutopetCase.of(geometry, 4, settings.target_spacing, settings.window, classes, 2, True, cost)
+    return autopet_memory.AutopetCase.of(geometry, 4, settings.target_spacing, settings.window, classes, 2, True, cost)
 
 
 def autopet_geometry() -> Geometry:
     return Geometry(AUTOPET_PET, (2.03642011, 2.03642011, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
 
 
-def autopet_t4(variant: torch.dtype | None) -> memory.AutopetCase:
-    from gcinfer.autopet import build_network
+def autopet_t4(variant: torch.dtype | None) -> autopet_memory.AutopetCase:
+    from gcinfer.pipelines.autopet.networks import build_network
 
     settings = autopet_settings()
     return autopet_case(autopet_geometry(), settings, variant, build_network(settings))
 
 
 def run_autopet(work: Path) -> dict:
-    from gcinfer import autopet
+    from gcinfer.config import Sockets
+    from gcinfer.pipelines.autopet import pipeline as autopet
     from gcinfer.runner import StageLog
 
     settings = autopet_settings(overlap=0.5)
@@ -228,10 +264,13 @@ def run_autopet(work: Path) -> dict:
     case = Case("case", inputs, work / "autopet" / "out" / "case.mha")
     cpu = torch.device("cpu")
     estimate = autopet_case(autopet_geometry(), settings, None, networks[0])
-    plan = cpu_estimate(lambda budget: memory.plan_autopet(case.name, estimate, settings.tile_batch_size, budget, cpu))
+    plan = cpu_estimate(
+        lambda budget: autopet_memory.plan_autopet(case.name, estimate, settings.tile_batch_size, budget, cpu)
+    )
     start = time.perf_counter()
-    autopet.predict_case(case, StageLog(case.name, cpu), model_socket="pet", networks=networks, settings=settings,
-                         device=cpu, network_cost=estimate.network)  # fmt: skip
+    sockets = Sockets(("pet", "ct"), "seg")
+    pipeline = autopet.AutopetPipeline(settings, sockets, (), tuple(networks), cpu, estimate.network)
+    pipeline.predict_case(case, StageLog(case.name, cpu))
     return {"seconds": time.perf_counter() - start, **plan, **check_output(case.output, inputs["pet"])}
 
 
@@ -272,8 +311,16 @@ def child(name: str, work: Path, amos_configurations: int) -> None:
 
 
 def measure(name: str, work: Path, amos_configurations: int) -> dict:
-    command = [sys.executable, __file__, "--child", name, "--work", str(work), "--amos-configurations",
-               str(amos_configurations)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--work",
+        str(work),
+        "--amos-configurations",
+        str(amos_configurations),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     plan_lines = [line for line in completed.stderr.splitlines() if "memory plan" in line]
     if completed.returncode != 0:
@@ -290,21 +337,29 @@ def t4_estimates(name: str) -> dict:
     has 15 GiB minus :data:`GC_BASELINE_BYTES` and (AMOS) the fold weights kept there."""
     cuda = torch.device("cuda")
     row = {}
-    variants = (("fp16", torch.float16, memory.REDUCED_DTYPE, torch.float16 if name == "amos" else torch.float32),
-                ("fp32", None, torch.float32, torch.float32))  # fmt: skip
+    variants = (
+        ("fp16", torch.float16, memory.REDUCED_DTYPE, torch.float16 if name == "amos" else torch.float32),
+        ("fp32", None, torch.float32, torch.float32),
+    )
     for label, compute, tiling_dtype, ensemble_dtype in variants:
         if name == "amos":
-            case, phases_of, planner = amos_t4(compute), memory.amos_phases, memory.plan_amos
+            case, phases_of, planner = amos_t4(compute), amos_memory.amos_phases, amos_memory.plan_amos
             batch = int(amos_config()["tile_batch_size"])
             on_host = sum(c.network.weights * c.folds for c in case.configurations)
         else:
             batch = autopet_settings().tile_batch_size
-            case, phases_of, planner, on_host = autopet_t4(compute), memory.autopet_phases, memory.plan_autopet, 0
+            case, phases_of, planner, on_host = (
+                autopet_t4(compute),
+                autopet_memory.autopet_phases,
+                autopet_memory.plan_autopet,
+                0,
+            )
         choice = memory.Choice(tiling_dtype, ensemble_dtype, True, True, batch)
         row[label] = memory.estimate(phases_of(case, choice), False).device
         if compute is not None:
-            budget = memory.Budget.detect(cuda, device_bytes=memory.T4_FREE_BYTES,
-                                          host_bytes=LIMIT_BYTES - GC_BASELINE_BYTES - on_host)  # fmt: skip
+            budget = memory.Budget.detect(
+                cuda, device_bytes=memory.T4_FREE_BYTES, host_bytes=LIMIT_BYTES - GC_BASELINE_BYTES - on_host
+            )
             try:
                 plan = planner(name, case, batch, budget, cuda)
                 row["plan"] = f"{plan.choice.describe('cuda')} ({gib(plan.estimate.device)})"
@@ -321,8 +376,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--work", type=Path, default=REPOSITORY / ".cache" / "bench_memory")
-    parser.add_argument("--amos-configurations", type=int, choices=(1, 2, 3), default=3,
-                        help="AMOS configurations run on the CPU, largest network grid first (default 3)")
+    parser.add_argument(
+        "--amos-configurations",
+        type=int,
+        choices=(1, 2, 3),
+        default=3,
+        help="AMOS configurations run on the CPU, largest network grid first (default 3)",
+    )
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -331,8 +391,10 @@ def main() -> int:
     make_inputs(args.work)
     shapes = {"amos": "CT 512x512x600 (x,y,z)", "autopet": "PET 400x400x700, CT 512x512x700"}
     classes = {"amos": AMOS_CLASSES, "autopet": 2}
-    print("| case | shape | classes | planner's plan on a T4 (device estimate) | T4 estimate fp16 | T4 estimate fp32 "
-          "| CPU run: plan | CPU estimate | peak RSS (measured) | wall time |")
+    print(
+        "| case | shape | classes | planner's plan on a T4 (device estimate) | T4 estimate fp16 | T4 estimate fp32 "
+        "| CPU run: plan | CPU estimate | peak RSS (measured) | wall time |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     failed, notes = False, []
     for name in args.cases:
@@ -341,17 +403,24 @@ def main() -> int:
             notes.append(f"T4 plan for {name}: {t4['refusal']}")
         if "error" in run:
             failed = True
-            print(f"| {name} | {shapes[name]} | {classes[name]} | {t4['plan']} | {gib(t4['fp16'])} | {gib(t4['fp32'])} "
-                  f"| FAILED: {run['error']} | | | |")
+            print(
+                f"| {name} | {shapes[name]} | {classes[name]} | {t4['plan']} | {gib(t4['fp16'])} | {gib(t4['fp32'])} "
+                f"| FAILED: {run['error']} | | | |"
+            )
             continue
         ok = run["peak_rss"] < LIMIT_BYTES and run["output_ok"]
         failed |= not ok
-        print(f"| {name} | {shapes[name]} | {classes[name]} | {t4['plan']} | {gib(t4['fp16'])} | {gib(t4['fp32'])} "
-              f"| {run['pipeline_plan']} | {gib(run['cpu_estimate'])} | {gib(run['peak_rss'])}{'' if ok else ' **OVER 15 GiB**'} "
-              f"| {run['seconds']:.0f} s |")
-    print(f"\nT4 budget: {gib(memory.T4_FREE_BYTES)} free minus {memory.DEVICE_MARGIN:.0%} margin; host: 15 GiB "
-          f"minus {gib(GC_BASELINE_BYTES)} and the AMOS fold weights. Peak RSS limit {gib(LIMIT_BYTES)}. AMOS CPU run: "
-          f"{args.amos_configurations} of {len(AMOS_CONFIGURATIONS)} configurations (largest grid first).")
+        print(
+            f"| {name} | {shapes[name]} | {classes[name]} | {t4['plan']} | {gib(t4['fp16'])} | {gib(t4['fp32'])} "
+            f"| {run['pipeline_plan']} | {gib(run['cpu_estimate'])} | {gib(run['peak_rss'])}"
+            f"{'' if ok else ' **OVER 15 GiB**'} "
+            f"| {run['seconds']:.0f} s |"
+        )
+    print(
+        f"\nT4 budget: {gib(memory.T4_FREE_BYTES)} free minus {memory.DEVICE_MARGIN:.0%} margin; host: 15 GiB "
+        f"minus {gib(GC_BASELINE_BYTES)} and the AMOS fold weights. Peak RSS limit {gib(LIMIT_BYTES)}. AMOS CPU run: "
+        f"{args.amos_configurations} of {len(AMOS_CONFIGURATIONS)} configurations (largest grid first)."
+    )
     for note in notes:
         print(f"\n{note}")
     return 1 if failed else 0

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # nn
     from nnunet.utilities.nd_softmax import softmax_helper
 from monai.inferers import sliding_window_inference
 
-from gcinfer.tiling import predict_tiled, tile_starts_nnunet
+from gcinfer.engine.tiling import predict_tiled, tile_starts_nnunet
 
 PATCH = (64, 64, 64)
 SHAPE = (1, 96, 96, 128)  # (C, X, Y, Z): 2 x 2 x 3 tiles in both placements
@@ -63,13 +63,22 @@ def build_network() -> Generic_UNet:
     """The benchmark's Generic_UNet (seed 0), eval mode, deep supervision off, softmax for predict_3D."""
     torch.manual_seed(0)
     network = Generic_UNet(
-        SHAPE[0], BASE_FEATURES, CLASSES, POOLINGS, conv_op=nn.Conv3d, norm_op=nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=nn.Dropout3d,
-        dropout_op_kwargs={"p": 0, "inplace": True}, nonlin=nn.LeakyReLU,
-        nonlin_kwargs={"negative_slope": 1e-2, "inplace": True}, deep_supervision=False,
-        final_nonlin=lambda x: x, pool_op_kernel_sizes=[[2, 2, 2]] * POOLINGS,
+        SHAPE[0],
+        BASE_FEATURES,
+        CLASSES,
+        POOLINGS,
+        conv_op=nn.Conv3d,
+        norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        dropout_op=nn.Dropout3d,
+        dropout_op_kwargs={"p": 0, "inplace": True},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"negative_slope": 1e-2, "inplace": True},
+        deep_supervision=False,
+        final_nonlin=lambda x: x,
+        pool_op_kernel_sizes=[[2, 2, 2]] * POOLINGS,
         conv_kernel_sizes=[[3, 3, 3]] * (POOLINGS + 1),
-    )  # fmt: skip
+    )
     network.do_ds = False
     network.inference_apply_nonlin = softmax_helper
     return network.eval()
@@ -99,8 +108,10 @@ def prepare(variant: str, network: nn.Module, image: torch.Tensor) -> Callable[[
         starts = tile_starts_nnunet(SHAPE[1:], PATCH, 0.5)
         tiles = [
             image[None, :, x : x + PATCH[0], y : y + PATCH[1], z : z + PATCH[2]].contiguous()
-            for x in starts[0] for y in starts[1] for z in starts[2]
-        ]  # fmt: skip
+            for x in starts[0]
+            for y in starts[1]
+            for z in starts[2]
+        ]
 
         def floor() -> None:
             with torch.inference_mode():
@@ -115,16 +126,29 @@ def prepare(variant: str, network: nn.Module, image: torch.Tensor) -> Callable[[
     if variant == "nnunet":
         array = image.numpy()
         return lambda: network.predict_3D(
-            array, do_mirroring=False, use_sliding_window=True, step_size=0.5, patch_size=PATCH, use_gaussian=True,
-            all_in_gpu=False, verbose=False, mixed_precision=False,
-        )  # fmt: skip
+            array,
+            do_mirroring=False,
+            use_sliding_window=True,
+            step_size=0.5,
+            patch_size=PATCH,
+            use_gaussian=True,
+            all_in_gpu=False,
+            verbose=False,
+            mixed_precision=False,
+        )
 
     def monai() -> torch.Tensor:
         with torch.inference_mode():
             return sliding_window_inference(
-                image[None], PATCH, 1, lambda tiles: torch.softmax(network(tiles), 1), 0.5, mode="gaussian",
-                sigma_scale=0.125, padding_mode="constant",
-            )  # fmt: skip
+                image[None],
+                PATCH,
+                1,
+                lambda tiles: torch.softmax(network(tiles), 1),
+                0.5,
+                mode="gaussian",
+                sigma_scale=0.125,
+                padding_mode="constant",
+            )
 
     return monai
 

@@ -48,7 +48,7 @@ setup_engine() {
 test_autopet() {
     local dataset=$ROOT/.cache/autopet-dataset
     rm -rf "$dataset"
-    "$PY" -m gcinfer.checks autopet-dataset "$dataset" --studies 3 --seed 0 >/dev/null
+    "$PY" -m gcinfer_dev.checks autopet-dataset "$dataset" --studies 3 --seed 0 >/dev/null
     "$ROOT/test_autopet.sh" "$dataset" --no-build --jobs 2 --model "$FIXTURES/autopet2/model"
 }
 

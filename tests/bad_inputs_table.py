@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_robustness import ROWS, Row  # noqa: E402
+from test_robustness import ROWS, Row
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 DEFAULT_TESTS = {"amos-task1": "test_amos_inputs", "autopet2": "test_autopet_inputs"}

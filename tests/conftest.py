@@ -15,7 +15,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """``.cache/fixtures``: made by ``gcinfer make-fixtures`` (seed 0), remade when the fixture code changes."""
-    from gcinfer.fixtures import make_fixtures
+    from gcinfer_dev.fixtures import make_fixtures
 
     root = Path(os.environ.get("GCINFER_FIXTURES", REPOSITORY / ".cache" / "fixtures"))
     make_fixtures(root, seed=0)

@@ -29,11 +29,13 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from amos_reference import copy_models, run_reference
-from gcinfer import amos, cli
-from gcinfer.io import Geometry, InputError, case_name, read_image
-from gcinfer.metrics import dice_per_label
-from gcinfer.resampling import resize_channels_trilinear
+from gcinfer import cli
+from gcinfer.engine.resampling import resize_channels_trilinear
+from gcinfer.errors import InputError
+from gcinfer.io import Geometry, case_name, read_image
+from gcinfer.pipelines.amos import pipeline as amos
+from gcinfer_dev.metrics import dice_per_label
+from gcinfer_dev.references.amos import copy_models, run_reference
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 FOLDS = (0, 1)
@@ -179,12 +181,13 @@ def test_reduced_precision_plans_stay_close_to_the_exact_run(
 ) -> None:
     """The planner's fallbacks when memory is short, forced: a float16 running-mean ensemble, then bfloat16 tiling
     too. Their plan line says so, and their labels stay close to the exact run's (the float32 ensemble)."""
-    from gcinfer import memory
+    from gcinfer.pipelines.amos import memory as amos_memory
 
-    monkeypatch.setattr(memory, "AMOS_PRECISIONS", (precision,))
+    monkeypatch.setattr(amos_memory, "AMOS_PRECISIONS", (precision,))
     with caplog.at_level(logging.INFO, logger="gcinfer"):
-        code = gcinfer("amos-task2", task2_run["inputs"], tmp_path, fixtures_dir / "amos_task2" / "model",
-                       *folds_option())  # fmt: skip
+        code = gcinfer(
+            "amos-task2", task2_run["inputs"], tmp_path, fixtures_dir / "amos_task2" / "model", *folds_option()
+        )
     assert code == 0
     tiling, ensemble = ("fp32" if precision[0] == torch.float32 else "bf16"), "fp16"
     plans = [r.getMessage() for r in caplog.records if "memory plan:" in r.getMessage()]
@@ -209,15 +212,25 @@ def edge_cases(fixtures_dir, tmp_path_factory, clean_tmpdir) -> dict:
     permuted = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     write("anisotropic.nii.gz", image, spacing=(0.9, 1.7, 6.5), origin=(-3.0, 40.0, 7.5), direction=permuted)
     z, y, x = (s // 2 for s in image.shape)
-    write("small.mha", image[z - 3 : z + 3, y - 9 : y + 8, x - 6 : x + 7], spacing=geometry.spacing,
-          origin=geometry.origin, direction=geometry.direction)  # fmt: skip
+    write(
+        "small.mha",
+        image[z - 3 : z + 3, y - 9 : y + 8, x - 6 : x + 7],
+        spacing=geometry.spacing,
+        origin=geometry.origin,
+        direction=geometry.direction,
+    )
     patch = image[:, ::2, ::2]
     canvas = np.zeros((patch.shape[0] + 10, 4 * patch.shape[1], 4 * patch.shape[2]), dtype=image.dtype)
     box = tuple(slice(start, start + size) for start, size in zip((4, 9, 30), patch.shape))
     canvas[box] = patch
     write("boxed.nii.gz", canvas, spacing=geometry.spacing, origin=geometry.origin, direction=geometry.direction)
-    write("zeros.nii.gz", np.zeros((20, 20, 20), np.int16), spacing=(1.0, 1.0, 1.0), origin=(0.0,) * 3,
-          direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # fmt: skip
+    write(
+        "zeros.nii.gz",
+        np.zeros((20, 20, 20), np.int16),
+        spacing=(1.0, 1.0, 1.0),
+        origin=(0.0,) * 3,
+        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    )
     (inputs / "corrupt.nii.gz").write_bytes((inputs / "boxed.nii.gz").read_bytes()[:200])
     valid = [inputs / n for n in ("anisotropic.nii.gz", "boxed.nii.gz", "small.mha")]
 
@@ -246,8 +259,16 @@ def test_failure_messages_name_the_file(fixtures_dir, tmp_path, caplog) -> None:
     (inputs / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     first = CONFIGS["task1"]["models"][0]
     with caplog.at_level(logging.INFO, logger="gcinfer"):
-        code = gcinfer("amos-task1", inputs, tmp_path / "out", fixtures_dir / "amos_task1" / "model",
-                       "--models", first, *folds_option([0]), "--no-tta")  # fmt: skip
+        code = gcinfer(
+            "amos-task1",
+            inputs,
+            tmp_path / "out",
+            fixtures_dir / "amos_task1" / "model",
+            "--models",
+            first,
+            *folds_option([0]),
+            "--no-tta",
+        )
     assert code == 1
     zeros_message = "every voxel is 0; nnU-Net's non-zero crop would be empty"
     assert f"FAILED zeros: {inputs / 'zeros.nii.gz'}: {zeros_message}" in caplog.text
@@ -257,7 +278,7 @@ def test_failure_messages_name_the_file(fixtures_dir, tmp_path, caplog) -> None:
 
 @pytest.mark.parametrize("name", ["anisotropic.nii.gz", "boxed.nii.gz", "small.mha"])
 def test_edge_geometry_and_parity(name, edge_cases) -> None:
-    image, geometry = read_image(edge_cases["inputs"] / name)
+    _image, geometry = read_image(edge_cases["inputs"] / name)
     path = edge_cases["output"] / name
     assert sitk.ReadImage(str(path)).GetPixelID() == sitk.sitkUInt8
     labels, output_geometry = read_image(path)
@@ -284,8 +305,15 @@ def test_default_folds_missing_is_a_clear_error(fixtures_dir, tmp_path, caplog) 
 def test_unknown_model_option_is_a_clear_error(fixtures_dir, tmp_path, caplog) -> None:
     model_dir = fixtures_dir / "amos_task2" / "model"
     with caplog.at_level(logging.ERROR, logger="gcinfer"):
-        code = gcinfer("amos-task2", fixtures_dir / "amos_task2" / "input", tmp_path / "out", model_dir,
-                       "--models", "nnUNetTrainerV2__Missing", *folds_option())  # fmt: skip
+        code = gcinfer(
+            "amos-task2",
+            fixtures_dir / "amos_task2" / "input",
+            tmp_path / "out",
+            model_dir,
+            "--models",
+            "nnUNetTrainerV2__Missing",
+            *folds_option(),
+        )
     assert code == 1
     assert f"configuration(s) nnUNetTrainerV2__Missing missing in {model_dir}" in caplog.text
 
@@ -301,12 +329,12 @@ def arguments(**options) -> argparse.Namespace:
 
 def test_settings_merge_config_and_options() -> None:
     config = CONFIGS["task1"]
-    settings = amos.settings_from(arguments(), config)
+    settings = amos.settings_from(arguments(), config, "docker/amos_task1/config.json")
     assert settings.models == tuple(config["models"]) and settings.folds == (0, 1, 2, 3, 4)
     assert (settings.step_size, settings.mirror_axes, settings.tile_batch_size) == (0.5, (0, 1, 2), 2)
     assert settings.sockets.inputs == ("ct-image",) and settings.postprocessing == config["postprocessing"]
     options = arguments(models=["a__b"], folds=[1], no_tta=True, step_size=0.25, no_postprocessing=True)
-    settings = amos.settings_from(options, config)
+    settings = amos.settings_from(options, config, "docker/amos_task1/config.json")
     assert (settings.models, settings.folds, settings.mirror_axes) == (("a__b",), (1,), ())
     assert (settings.step_size, settings.postprocessing) == (0.25, None)
 
@@ -330,7 +358,7 @@ def test_invalid_configuration_is_named(change, message) -> None:
     config = copy.deepcopy(CONFIGS["task1"])
     change(config)
     with pytest.raises(InputError, match=r"^docker/amos_task1/config.json: " + message):
-        amos.settings_from(arguments(), config)
+        amos.settings_from(arguments(), config, "docker/amos_task1/config.json")
 
 
 def test_resize_channels_is_the_amos_interpolation() -> None:

@@ -11,23 +11,18 @@ import pytest
 import torch
 
 from gcinfer import cli
-from gcinfer.autopet import (
-    build_network,
-    checked_state_dict,
-    find_checkpoints,
-    load_networks,
-    load_settings,
-    percentile,
-    scale_percentiles,
-    segment,
-)
-from gcinfer.autopet_reference import monai_segment
-from gcinfer.io import InputError, read_image
-from gcinfer.metrics import dice
+from gcinfer.errors import InputError
+from gcinfer.io import read_image
+from gcinfer.pipelines.autopet.networks import build_network, checked_state_dict, find_checkpoints, load_networks
+from gcinfer.pipelines.autopet.pipeline import percentile, scale_percentiles, segment
+from gcinfer.pipelines.autopet.settings import load_settings
+from gcinfer_dev import container_config
+from gcinfer_dev.metrics import dice
+from gcinfer_dev.references.autopet import monai_segment
 
 CPU = torch.device("cpu")
 OUTPUT_SOCKET = "automated-petct-lesion-segmentation"
-CONFIG = json.loads(cli.default_config("autopet2").read_text())
+CONFIG = json.loads(container_config("autopet2").read_text())
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
@@ -106,7 +101,7 @@ def test_parity_with_monai_chain_on_oblique_pet(pipeline_output, oblique_pet, ne
     """gcinfer vs MONAI's LoadImaged -> ... -> Invertd -> argmax -> VoteEnsembled on the same weights, CPU fp32.
 
     MONAI's ITKReader needs the ``itk`` package, not installed here; the reference loads the .mha through a MONAI
-    ``ImageReader`` built on SimpleITK with ITKReader's conventions (see :mod:`gcinfer.autopet_reference` for why a
+    ``ImageReader`` built on SimpleITK with ITKReader's conventions (see :mod:`gcinfer_dev.references.autopet` for why a
     NIfTI copy + NibabelReader is not equivalent on an oblique image).
     """
     ours, _ = read_image(pipeline_output[1] / "images" / OUTPUT_SOCKET / oblique_pet.name)
@@ -207,7 +202,7 @@ def test_model_folder_errors(tmp_path):
     with pytest.raises(InputError, match=f"{tmp_path}: no \\*.pt checkpoint"):
         find_checkpoints(tmp_path)
     (tmp_path / "model.json").write_text(json.dumps({"overlap": 0.5}))
-    with pytest.raises(InputError, match="model.json: unknown key\\(s\\) overlap"):
+    with pytest.raises(InputError, match=r"model.json: unknown key\(s\) overlap"):
         load_settings(CONFIG, tmp_path)
     (tmp_path / "2.pt").touch()
     (tmp_path / "10.pt").touch()

@@ -10,8 +10,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from gcinfer.io import Geometry, InputError, read_image, write_label_map
-from gcinfer.layout import Sockets, discover_cases
+from gcinfer.cases import discover_cases
+from gcinfer.config import Sockets
+from gcinfer.errors import InputError
+from gcinfer.io import Geometry, read_image, write_label_map
 from gcinfer.runner import run_cases, summarize
 
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
@@ -159,7 +161,7 @@ def test_pet_without_ct_is_a_failed_case_not_a_crash(tmp_path: Path) -> None:
         for name in names:
             (tmp_path / "images" / socket / f"{name}.mha").write_bytes(b"")
     cases = discover_cases(tmp_path, tmp_path / "out", Sockets(("pet", "ct"), "lesions"))
-    assert [c.error for c in cases][0] is None
+    assert next(c.error for c in cases) is None
     assert cases[1].error == f"{tmp_path}/images/pet/y.mha: no matching image named 'y' in socket(s) ct"
 
 

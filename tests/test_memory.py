@@ -1,6 +1,6 @@
 """The memory planner: limits, the model against what the code really allocates, the choice order, full-size cases.
 
-The tiling model is checked against the live tensor bytes that :func:`gcinfer.tiling.predict_tiled` really holds
+The tiling model is checked against the live tensor bytes that :func:`gcinfer.engine.tiling.predict_tiled` really holds
 (tracked per storage by :func:`gcinfer.memory.peak_tensor_bytes`) on small CPU cases; the nnU-Net preprocessing
 shapes against nnU-Net's own preprocessing; the full-size cases (AMOS 512 x 512 x 600, AutoPET 400 x 400 x 700)
 against a T4's budget. The host cost of nnU-Net's cropping and preprocessing is measured at full size by
@@ -24,8 +24,11 @@ import torch
 from torch import nn
 
 from gcinfer import memory
+from gcinfer.engine.tiling import predict_tiled
 from gcinfer.io import Geometry
-from gcinfer.tiling import predict_tiled
+from gcinfer.memory import budget as memory_budget
+from gcinfer.pipelines.amos import memory as amos_memory
+from gcinfer.pipelines.autopet import memory as autopet_memory
 
 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # nnU-Net v1 prints a banner
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -55,13 +58,13 @@ def test_host_limit_is_the_cgroup_limit_else_physical_memory(tmp_path, files: di
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert memory.host_limit_bytes(tmp_path) == (expected or memory.physical_memory_bytes())
+    assert memory_budget.host_limit_bytes(tmp_path) == (expected or memory_budget.physical_memory_bytes())
 
 
 def test_cpu_budget_is_shared_and_counts_what_the_process_holds() -> None:
     budget = memory.Budget.detect(CPU)
     assert budget.shared and budget.device is None
-    expected = memory.host_limit_bytes() - memory.rss_bytes() - memory.HOST_MARGIN_BYTES
+    expected = memory_budget.host_limit_bytes() - memory_budget.rss_bytes() - memory.HOST_MARGIN_BYTES
     assert abs(budget.host - expected) < 64 * 2**20
     held = memory.Budget.detect(CPU, held_bytes=GIB)
     assert abs(held.host - budget.host - GIB) < 64 * 2**20
@@ -69,7 +72,7 @@ def test_cpu_budget_is_shared_and_counts_what_the_process_holds() -> None:
 
 def test_address_space_limit_bounds_the_host_budget() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    mapped = memory.status_bytes("VmSize")
+    mapped = memory_budget.status_bytes("VmSize")
     try:
         resource.setrlimit(resource.RLIMIT_AS, (mapped + 3 * GIB, hard))
         budget = memory.Budget.detect(CPU, held_bytes=GIB)
@@ -150,8 +153,9 @@ def test_tiling_model_bounds_what_the_engine_holds(name: str) -> None:
     shape, patch, k, batch, dtype, options = TILING_CASES[name]
     network, image = Pointwise(shape[0], k).eval(), torch.randn(shape)
     measured = memory.peak_tensor_bytes(
-        lambda: predict_tiled(image, network, patch, tile_batch_size=batch, accumulate_dtype=dtype, progress=False,
-                              **options)  # fmt: skip
+        lambda: predict_tiled(
+            image, network, patch, tile_batch_size=batch, accumulate_dtype=dtype, progress=False, **options
+        )
     )
     tiling = memory.Tiling(shape[1:], patch, k, shape[0], mirrored=bool(options.get("mirror_axes")))
     cost = memory.network_cost(network, (shape[0], *patch), None)
@@ -164,7 +168,7 @@ def test_tiling_model_bounds_what_the_engine_holds(name: str) -> None:
 
 
 def test_candidates_prefer_precision_then_device_then_batch() -> None:
-    choices = memory.candidates(4)
+    choices = memory.candidates(4, amos_memory.AMOS_PRECISIONS)
     assert choices[0] == memory.Choice(FP32, FP32, True, True, 4)
     assert [c.tile_batch_size for c in choices[:3]] == [4, 2, 1]
     assert choices[3] == memory.Choice(FP32, FP32, True, False, 4)
@@ -172,18 +176,23 @@ def test_candidates_prefer_precision_then_device_then_batch() -> None:
     assert choices[9] == memory.Choice(FP32, FP16, True, True, 4)
     assert choices[18] == memory.Choice(memory.REDUCED_DTYPE, FP16, True, True, 4)
     assert len(choices) == 27 and len(set(choices)) == 27
-    single = memory.candidates(1, ensemble=False)
+    single = memory.candidates(1, autopet_memory.AUTOPET_PRECISIONS, ensemble=False)
     assert single == [memory.Choice(d, FP32, p, p, 1) for d in (FP32, BF16) for p in (True, False)]
 
 
 def synthetic_phases(choice: memory.Choice) -> list[memory.Phase]:
     """Accumulators of 8 GiB (fp32) on the chosen pools, 1 GiB per tile."""
-    return [memory.Phase("predict", (
-        memory.Buffer("tiling", int(6 * GIB * choice.tiling_dtype.itemsize / 4), choice.tiling_on_device),
-        memory.Buffer("ensemble", int(2 * GIB * choice.ensemble_dtype.itemsize / 4), choice.ensemble_on_device),
-        memory.Buffer("tiles", choice.tile_batch_size * GIB, True),
-        memory.Buffer("crop", GIB, False),
-    ))]  # fmt: skip
+    return [
+        memory.Phase(
+            "predict",
+            (
+                memory.Buffer("tiling", int(6 * GIB * choice.tiling_dtype.itemsize / 4), choice.tiling_on_device),
+                memory.Buffer("ensemble", int(2 * GIB * choice.ensemble_dtype.itemsize / 4), choice.ensemble_on_device),
+                memory.Buffer("tiles", choice.tile_batch_size * GIB, True),
+                memory.Buffer("crop", GIB, False),
+            ),
+        )
+    ]
 
 
 @pytest.mark.parametrize(
@@ -199,23 +208,28 @@ def synthetic_phases(choice: memory.Choice) -> list[memory.Phase]:
 )
 def test_the_first_choice_that_fits_wins(device_gib: float, host_gib: float, expected: memory.Choice) -> None:
     budget = memory.Budget(int(device_gib * GIB), int(host_gib * GIB))
-    plan = memory.choose("case", synthetic_phases, memory.candidates(2), budget, CUDA)
+    plan = memory.choose("case", synthetic_phases, memory.candidates(2, amos_memory.AMOS_PRECISIONS), budget, CUDA)
     assert plan.choice == expected
     assert plan.estimate.fits(budget)
 
 
 def test_a_case_that_fits_nowhere_is_refused_naming_it() -> None:
     budget = memory.Budget(int(0.5 * GIB), 2 * GIB)
-    with pytest.raises(memory.MemoryPlanError, match=(
-        r"^in/big.mha: too large for this machine's memory: even with tiling bf16 on host, ensemble fp16 on host, "
-        r"1 tile\(s\)/batch it needs 1.0 GiB on cuda \(0.5 GiB available\) and 5.0 GiB of host memory "
-        r"\(2.0 GiB available\)$"
-    )):  # fmt: skip
-        memory.choose("in/big.mha", synthetic_phases, memory.candidates(2), budget, CUDA)
+    with pytest.raises(
+        memory.MemoryPlanError,
+        match=(
+            r"^in/big.mha: too large for this machine's memory: even with tiling bf16 on host, ensemble fp16 on host, "
+            r"1 tile\(s\)/batch it needs 1.0 GiB on cuda \(0.5 GiB available\) and 5.0 GiB of host memory "
+            r"\(2.0 GiB available\)$"
+        ),
+    ):
+        memory.choose("in/big.mha", synthetic_phases, memory.candidates(2, amos_memory.AMOS_PRECISIONS), budget, CUDA)
 
 
 def test_shared_pools_add_device_and_host_buffers() -> None:
-    plan = memory.choose("case", synthetic_phases, memory.candidates(2), memory.Budget(None, 12 * GIB), CPU)
+    plan = memory.choose(
+        "case", synthetic_phases, memory.candidates(2, amos_memory.AMOS_PRECISIONS), memory.Budget(None, 12 * GIB), CPU
+    )
     assert plan.choice == memory.Choice(FP32, FP32, True, True, 2)
     assert plan.estimate.host == 11 * GIB and plan.estimate.device == 0
     assert plan.line() == (
@@ -224,7 +238,13 @@ def test_shared_pools_add_device_and_host_buffers() -> None:
 
 
 def test_plan_line_names_both_pools_and_their_peak_phases() -> None:
-    plan = memory.choose("amos_0001", synthetic_phases, memory.candidates(2), memory.Budget(9 * GIB, 8 * GIB), CUDA)
+    plan = memory.choose(
+        "amos_0001",
+        synthetic_phases,
+        memory.candidates(2, amos_memory.AMOS_PRECISIONS),
+        memory.Budget(9 * GIB, 8 * GIB),
+        CUDA,
+    )
     assert plan.line() == (
         "amos_0001: memory plan: tiling fp32 on cuda, ensemble fp32 on cuda, 1 tile(s)/batch "
         "| cuda 9.0/9.0 GiB (predict) | host 1.0/8.0 GiB (predict)"
@@ -236,13 +256,25 @@ def test_plan_line_names_both_pools_and_their_peak_phases() -> None:
 
 
 def nnunet_configuration(preprocessor: str, target: tuple, patch: tuple, transpose: tuple = (0, 1, 2)):
-    from gcinfer import nnunet_v1
+    from gcinfer.pipelines.amos import nnunet_v1
 
     intensities = {0: {"mean": 80.0, "sd": 120.0, "percentile_00_5": -1000.0, "percentile_99_5": 1500.0}}
     backward = tuple(int(a) for a in np.argsort(transpose))
     pre = getattr(nnunet_preprocessing, preprocessor)({0: "CT"}, {0: False}, list(transpose), intensities)
-    return nnunet_v1.Configuration(preprocessor, None, (0, 1), [Pointwise(1, 16), Pointwise(1, 16)], 0, patch, 16,
-                                   transpose, backward, (0, 1, 2), pre, np.array(target))  # fmt: skip
+    return nnunet_v1.Configuration(
+        preprocessor,
+        None,
+        (0, 1),
+        [Pointwise(1, 16), Pointwise(1, 16)],
+        0,
+        patch,
+        16,
+        transpose,
+        backward,
+        (0, 1, 2),
+        pre,
+        np.array(target),
+    )
 
 
 @pytest.mark.parametrize(
@@ -256,14 +288,14 @@ def nnunet_configuration(preprocessor: str, target: tuple, patch: tuple, transpo
 def test_amos_network_shapes_are_nnunets(
     preprocessor: str, spacing_zyx: tuple, target: tuple, transpose: tuple
 ) -> None:
-    from gcinfer import nnunet_v1
+    from gcinfer.pipelines.amos import nnunet_v1
 
     configuration = nnunet_configuration(preprocessor, target, (8, 8, 8), transpose)
     image = np.random.default_rng(0).normal(50, 30, (9, 21, 17)).astype(np.float32)
     geometry = Geometry(image.shape[::-1], spacing_zyx[::-1], (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     preprocessed = configuration.preprocess(nnunet_v1.crop(image[None], geometry))
-    costs = memory.amos_network_costs([configuration], CPU)
-    case = memory.AmosCase.of(image.shape, 4, spacing_zyx, [configuration], costs, True, CPU)
+    costs = amos_memory.amos_network_costs([configuration], CPU)
+    case = amos_memory.AmosCase.of(image.shape, 4, spacing_zyx, [configuration], costs, True, CPU)
     assert case.configurations[0].tiling.shape == preprocessed.data.shape[1:]
     assert case.configurations[0].folds == 2 and case.num_classes == 16 and case.weights_on_host
 
@@ -281,7 +313,7 @@ def test_separate_z_follows_nnunet(preprocessor: str, spacing: tuple, target: tu
     from nnunet.preprocessing.preprocessing import get_do_separate_z
 
     cls = getattr(nnunet_preprocessing, preprocessor)
-    assert memory.nnunet_separate_z(cls, spacing, target) == expected
+    assert amos_memory.nnunet_separate_z(cls, spacing, target) == expected
     if cls is nnunet_preprocessing.GenericPreprocessor:
         assert expected == (get_do_separate_z(np.array(spacing)) or get_do_separate_z(np.array(target)))
 
@@ -290,23 +322,27 @@ AMOS_COST = memory.NetworkCost(weights=288 * 2**20, activations=1400 * 2**20, au
 """The FabiansUNet of the AMOS plans (32 features, 160^3 patch) in fp16, as network_cost measures it."""
 
 
-def amos_full_size(shape_zyx=(600, 512, 512), spacing=(1.25, 0.78, 0.78)) -> memory.AmosCase:
+def amos_full_size(shape_zyx=(600, 512, 512), spacing=(1.25, 0.78, 0.78)) -> amos_memory.AmosCase:
     """A task 1 case with its three configurations (5 folds each)."""
     configurations = tuple(
-        memory.AmosConfiguration(
-            memory.Tiling(memory.nnunet_network_shape(shape_zyx, spacing, target, (0, 1, 2)), patch, 16, 1, True),
-            False, AMOS_COST, 5,
+        amos_memory.AmosConfiguration(
+            memory.Tiling(amos_memory.nnunet_network_shape(shape_zyx, spacing, target, (0, 1, 2)), patch, 16, 1, True),
+            False,
+            AMOS_COST,
+            5,
         )
         for target, patch in (
-            ((1.5, 1, 1), (160, 160, 160)), ((2, 0.688, 0.688), (80, 192, 192)), ((1.5, 1, 1), (160, 160, 160))
+            ((1.5, 1, 1), (160, 160, 160)),
+            ((2, 0.688, 0.688), (80, 192, 192)),
+            ((1.5, 1, 1), (160, 160, 160)),
         )
-    )  # fmt: skip
-    return memory.AmosCase(shape_zyx, 2, 16, configurations)
+    )
+    return amos_memory.AmosCase(shape_zyx, 2, 16, configurations)
 
 
 def test_full_size_amos_case_fits_a_t4_with_the_ensemble_on_the_host() -> None:
     budget = memory.Budget.detect(CUDA, device_bytes=memory.T4_FREE_BYTES, host_bytes=20 * GIB)
-    plan = memory.plan_amos("amos_full", amos_full_size(), 2, budget, CUDA)
+    plan = amos_memory.plan_amos("amos_full", amos_full_size(), 2, budget, CUDA)
     assert plan.choice == memory.Choice(FP32, FP32, True, False, 1)
     assert plan.estimate.device <= budget.device and plan.estimate.device_phase == "predict 2"
     k, n0 = 16, 600 * 512 * 512
@@ -315,7 +351,7 @@ def test_full_size_amos_case_fits_a_t4_with_the_ensemble_on_the_host() -> None:
 
 def test_full_size_amos_accumulators_dominate_the_device_estimate() -> None:
     case, choice = amos_full_size(), memory.Choice(FP32, FP16, True, True, 2)
-    phase = next(p for p in memory.amos_phases(case, choice) if p.name == "predict 2")
+    phase = next(p for p in amos_memory.amos_phases(case, choice) if p.name == "predict 2")
     sizes = {b.name: b.nbytes for b in phase.buffers}
     nt = math.prod(case.configurations[1].tiling.shape)
     assert case.configurations[1].tiling.shape == (375, 580, 580)
@@ -326,7 +362,7 @@ def test_full_size_amos_accumulators_dominate_the_device_estimate() -> None:
 def test_huge_case_is_refused_before_any_work() -> None:
     budget = memory.Budget.detect(CUDA, device_bytes=memory.T4_FREE_BYTES, host_bytes=15 * GIB)
     with pytest.raises(memory.MemoryPlanError, match=r"^amos_huge: too large for this machine's memory"):
-        memory.plan_amos("amos_huge", amos_full_size((1500, 1024, 1024)), 2, budget, CUDA)
+        amos_memory.plan_amos("amos_huge", amos_full_size((1500, 1024, 1024)), 2, budget, CUDA)
 
 
 # --- AutoPET ----------------------------------------------------------------------------------------------------------
@@ -335,10 +371,10 @@ def test_huge_case_is_refused_before_any_work() -> None:
 def test_autopet_case_follows_the_spatial_plan() -> None:
     cost = memory.NetworkCost(1000, 2000, 0)
     flipped = Geometry((40, 30, 20), (2.0, 2.0, 3.0), (0.0, 0.0, 0.0), (-1, 0, 0, 0, 1, 0, 0, 0, 1))
-    case = memory.AutopetCase.of(flipped, 4, (4.0, 4.0, 3.0), (16, 16, 16), 2, 2, True, cost)
+    case = autopet_memory.AutopetCase.of(flipped, 4, (4.0, 4.0, 3.0), (16, 16, 16), 2, 2, True, cost)
     assert case.flips and case.resampled and case.tiling.shape == (20, 16, 20)  # round((n - 1) * 2 / 4 + 1)
     same = Geometry((40, 30, 20), (2.0, 2.0, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, -1, 0, 0, 0, 1))
-    identity = memory.AutopetCase.of(same, 4, (2.0, 2.0, 3.0), (16, 16, 16), 2, 2, True, cost)
+    identity = autopet_memory.AutopetCase.of(same, 4, (2.0, 2.0, 3.0), (16, 16, 16), 2, 2, True, cost)
     assert not identity.resampled and identity.tiling.shape == (40, 30, 20)
 
 
@@ -347,8 +383,10 @@ def test_full_size_autopet_case_on_a_t4_reduces_the_tile_batch_only_when_needed(
     budget = memory.Budget.detect(CUDA, device_bytes=memory.T4_FREE_BYTES, host_bytes=10 * GIB)
     for activations, batch in ((700 * 2**20, 8), (1800 * 2**20, 4)):  # DynUNet 128^3 fp16 per tile; a heavier one
         cost = memory.NetworkCost(124 * 2**20, activations, 62 * 2**20)
-        case = memory.AutopetCase.of(geometry, 4, (2.03642011, 2.03642011, 3.0), (128, 128, 128), 2, 5, True, cost)
-        plan = memory.plan_autopet("case", case, 8, budget, CUDA)
+        case = autopet_memory.AutopetCase.of(
+            geometry, 4, (2.03642011, 2.03642011, 3.0), (128, 128, 128), 2, 5, True, cost
+        )
+        plan = autopet_memory.plan_autopet("case", case, 8, budget, CUDA)
         assert plan.choice == memory.Choice(FP32, FP32, True, True, batch)
 
 
@@ -363,8 +401,20 @@ def pipeline_run(fixtures_dir: Path, name: str, output: Path) -> tuple[int, list
     folder = "amos_task2" if name == "amos" else "autopet2"
     inputs = fixtures_dir / folder / "input"
     options = ["amos-task2", "--folds", "0"] if name == "amos" else ["autopet2"]
-    code = cli.main(["--no-progress", *options, "--device", "cpu", "--input", str(inputs), "--output", str(output),
-                     "--model", str(fixtures_dir / folder / "model")])  # fmt: skip
+    code = cli.main(
+        [
+            "--no-progress",
+            *options,
+            "--device",
+            "cpu",
+            "--input",
+            str(inputs),
+            "--output",
+            str(output),
+            "--model",
+            str(fixtures_dir / folder / "model"),
+        ]
+    )
     named = sorted(inputs.glob("*.nii.gz")) if name == "amos" else sorted((inputs / "images" / "pet").glob("*.mha"))
     return code, named, sorted(p for p in output.rglob("*") if p.is_file())
 
@@ -377,8 +427,11 @@ def test_pipelines_log_one_plan_per_case(name: str, fixtures_dir: Path, tmp_path
     plans = [r.getMessage() for r in caplog.records if "memory plan:" in r.getMessage()]
     assert [p.split(": memory plan: ")[0] for p in plans] == [str(p) for p in named]
     for line in plans:  # the CPU's single pool, the preferred choice for these small cases
-        assert re.search(r": memory plan: tiling fp32 on cpu, ensemble fp32 on cpu, \d+ tile\(s\)/batch \| host "
-                         r"\d+\.\d/\d+\.\d GiB \(\w[\w ]*\)$", line), line  # fmt: skip
+        assert re.search(
+            r": memory plan: tiling fp32 on cpu, ensemble fp32 on cpu, \d+ tile\(s\)/batch \| host "
+            r"\d+\.\d/\d+\.\d GiB \(\w[\w ]*\)$",
+            line,
+        ), line
 
 
 @pytest.mark.parametrize("name", ["amos", "autopet"])
@@ -387,7 +440,8 @@ def test_a_case_that_fits_nowhere_fails_before_any_work(
 ) -> None:
     """With 1 MiB of memory left every case is refused by the planner: named, exit 1, nothing written, and no
     prediction stage ran."""
-    from gcinfer import amos, autopet
+    from gcinfer.pipelines.amos import pipeline as amos
+    from gcinfer.pipelines.autopet import pipeline as autopet
 
     monkeypatch.setattr(memory.Budget, "detect", classmethod(lambda cls, device, **_: cls(None, 2**20)))
     predictions = []
@@ -397,7 +451,9 @@ def test_a_case_that_fits_nowhere_fails_before_any_work(
         code, named, written = pipeline_run(fixtures_dir, name, tmp_path / "out")
     assert code == 1 and written == []
     for path in named:
-        expected = (f"FAILED .*{re.escape(str(path))}: too large for this machine's memory: even with tiling "
-                    r"bf16 on \w+, .*GiB of host memory \(0.0 GiB available\)")  # fmt: skip
+        expected = (
+            f"FAILED .*{re.escape(str(path))}: too large for this machine's memory: even with tiling "
+            r"bf16 on \w+, .*GiB of host memory \(0.0 GiB available\)"
+        )
         assert re.search(expected, caplog.text), caplog.text
     assert predictions == []

@@ -10,7 +10,7 @@ import pytest
 
 from gcinfer import cli
 from gcinfer.io import Geometry, write_label_map
-from gcinfer.metrics import lesion_scores, missed_component_voxels, summarize_scores
+from gcinfer_dev.metrics import lesion_scores, missed_component_voxels, summarize_scores
 
 SPACING = (2.0, 2.0, 3.0)  # 12 mm^3 = 0.012 ml per voxel
 VOXEL_ML = 0.012

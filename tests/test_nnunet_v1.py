@@ -26,8 +26,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from gcinfer import nnunet_v1
-from gcinfer.io import InputError, read_image
+from gcinfer.errors import InputError
+from gcinfer.io import read_image
+from gcinfer.pipelines.amos import nnunet_v1
 
 with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # nnU-Net v1 imports scipy.ndimage.filters
@@ -67,8 +68,13 @@ def reference_trainers(fixtures_dir: Path, tmp_path_factory) -> dict[tuple[str, 
         root = tmp_path_factory.mktemp(f"reference_{task}")
         for name in models_of(task):
             copy_configuration(fixtures_dir, task, name, root)
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), mock.patch.dict(
-                os.environ, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # nnU-Net v1 predates weights_only
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                warnings.catch_warnings(),
+                mock.patch.dict(
+                    os.environ,
+                    {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},  # nnU-Net v1 predates weights_only
+                ),
             ):
                 warnings.simplefilter("ignore", UserWarning)  # torch's note about that variable
                 trainers[task, name] = load_model_and_checkpoint_files(

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from gcinfer import postprocessing
-from gcinfer.postprocessing import backend_for, ndimage_backend, parse_table, postprocess_organs
+from gcinfer.pipelines.amos import postprocessing
+from gcinfer.pipelines.amos.postprocessing import backend_for, ndimage_backend, parse_table, postprocess_organs
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 FACTS = REPOSITORY.parent / "shared" / "facts" / "amos2022_postprocessing.json"
@@ -263,7 +263,7 @@ def test_invalid_labels_or_spacing_are_rejected(labels, spacing, message):
 def test_numpy_input_selects_numpy_and_cc3d_without_importing_cupy():
     """In a fresh interpreter: numpy in -> numpy backend, a full run, and cupy never imported."""
     code = (
-        "import sys, numpy as np; from gcinfer.postprocessing import backend_for, postprocess_organs;"
+        "import sys, numpy as np; from gcinfer.pipelines.amos.postprocessing import backend_for, postprocess_organs;"
         "assert backend_for(np.zeros((2, 2, 2), np.uint8)).xp is np;"
         "rules = {'organs': {'1': {'rule': 'largest_component_only'}}};"
         "assert postprocess_organs(np.ones((2, 2, 2), np.uint8), (1, 1, 1), rules).sum() == 8;"

@@ -30,9 +30,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -157,6 +157,7 @@ def amos_rows() -> list[Row]:
         def make(folder: Path, clean: Clean) -> Path:
             (folder / name).write_bytes(clean.path.read_bytes()[: clean.path.stat().st_size // 2])
             return folder / name
+
         return make
 
     def dangling(folder: Path, clean: Clean) -> Path:
@@ -170,12 +171,14 @@ def amos_rows() -> list[Row]:
             shutil.copy(clean.path, target)
             (folder / name).symlink_to(target)
             return folder / name
+
         return make
 
     def sheared(name: str) -> Maker:
         def make(folder: Path, clean: Clean) -> Path:
             g = clean.geometry
             return write(folder / name, clean.array, Geometry(g.size, g.spacing, g.origin, SHEAR))
+
         return make
 
     def corrupt(folder: Path, clean: Clean) -> Path:
@@ -210,49 +213,150 @@ def amos_rows() -> list[Row]:
 
     return [
         Row("clean", "a clean CT (the reference for the other rows)", "processed", "written", copy_as("clean.nii.gz")),
-        Row("truncated-nii-gz", "truncated `.nii.gz`", "refused", r"cannot read image \(corrupt or truncated gzip data",
-            truncated("truncated-nii-gz.nii.gz")),
-        Row("corrupt-mha", "corrupt `.mha` (a header line, then random bytes)", "refused", r"cannot read image \(",
-            corrupt),
-        Row("header-data-mismatch", "`.mha` whose header announces more voxels than its data holds", "refused",
-            r"cannot read image \(", mismatch),
-        Row("int64", "int64 voxels", "processed", "same labels as the clean case",
-            image("int64.nii.gz", lambda a: a.astype(np.int64)), same=True),
-        Row("float64", "float64 voxels", "processed", "same labels as the clean case",
-            image("float64.nii.gz", lambda a: a.astype(np.float64)), same=True),
-        Row("rgb", "vector (RGB) voxels", "refused", r"expected a scalar image, got 3 components per voxel",
-            image("rgb.mha", lambda a: np.stack([a, a, a], -1).astype(np.uint8), vector=True)),
+        Row(
+            "truncated-nii-gz",
+            "truncated `.nii.gz`",
+            "refused",
+            r"cannot read image \(corrupt or truncated gzip data",
+            truncated("truncated-nii-gz.nii.gz"),
+        ),
+        Row(
+            "corrupt-mha",
+            "corrupt `.mha` (a header line, then random bytes)",
+            "refused",
+            r"cannot read image \(",
+            corrupt,
+        ),
+        Row(
+            "header-data-mismatch",
+            "`.mha` whose header announces more voxels than its data holds",
+            "refused",
+            r"cannot read image \(",
+            mismatch,
+        ),
+        Row(
+            "int64",
+            "int64 voxels",
+            "processed",
+            "same labels as the clean case",
+            image("int64.nii.gz", lambda a: a.astype(np.int64)),
+            same=True,
+        ),
+        Row(
+            "float64",
+            "float64 voxels",
+            "processed",
+            "same labels as the clean case",
+            image("float64.nii.gz", lambda a: a.astype(np.float64)),
+            same=True,
+        ),
+        Row(
+            "rgb",
+            "vector (RGB) voxels",
+            "refused",
+            r"expected a scalar image, got 3 components per voxel",
+            image("rgb.mha", lambda a: np.stack([a, a, a], -1).astype(np.uint8), vector=True),
+        ),
         Row("2d", "a 2D image", "refused", r"expected a 3D image, got 2D", image("2d.nii.gz", lambda a: a[0])),
-        Row("4d", "a 4D image", "refused", r"expected a 3D image, got 4D",
-            image("4d.nii.gz", lambda a: a[None].repeat(2, 0))),
-        Row("one-slice", "one-slice 3D volume (smaller than the patch)", "processed", "written on the input's grid",
-            image("one-slice.nii.gz", one_slice)),
-        Row("tiny", "3 x 4 x 5 voxels (smaller than the patch everywhere)", "processed", "written on the input's grid",
-            image("tiny.nii.gz", lambda a: a[20:23, 50:54, 60:65])),
-        Row("all-zero", "all-zero image", "refused", r"every voxel is 0",
-            image("all-zero.nii.gz", lambda a: np.zeros_like(a))),
+        Row(
+            "4d",
+            "a 4D image",
+            "refused",
+            r"expected a 3D image, got 4D",
+            image("4d.nii.gz", lambda a: a[None].repeat(2, 0)),
+        ),
+        Row(
+            "one-slice",
+            "one-slice 3D volume (smaller than the patch)",
+            "processed",
+            "written on the input's grid",
+            image("one-slice.nii.gz", one_slice),
+        ),
+        Row(
+            "tiny",
+            "3 x 4 x 5 voxels (smaller than the patch everywhere)",
+            "processed",
+            "written on the input's grid",
+            image("tiny.nii.gz", lambda a: a[20:23, 50:54, 60:65]),
+        ),
+        Row(
+            "all-zero",
+            "all-zero image",
+            "refused",
+            r"every voxel is 0",
+            image("all-zero.nii.gz", lambda a: np.zeros_like(a)),
+        ),
         Row("nan", "NaN voxels (`.mha`)", "refused", r"3 non-finite voxel\(s\) \(NaN or Inf\)", image("nan.mha", nan)),
         Row("inf", "Inf voxel (`.mha`)", "refused", r"1 non-finite voxel\(s\) \(NaN or Inf\)", image("inf.mha", inf)),
-        Row("nan-nifti", "NaN and Inf voxels in a `.nii.gz` (ITK's NIfTI reader reads them as 0)", "processed",
-            "written on the input's grid", image("nan-nifti.nii.gz", lambda a: inf(nan(a)))),
-        Row("extreme-values", "extreme values (+-3e38 in a few voxels)", "processed", "written on the input's grid",
-            image("extreme-values.nii.gz", with_extremes)),
-        Row("zero-spacing", "zero spacing", "refused", r"cannot read image \(Zero-valued spacing is not supported",
-            header("zero-spacing.mha", zero_y)),
-        Row("negative-spacing", "negative spacing (ITK reads a flipped axis)", "processed",
-            "same labels as the clean case, direction flipped", header("negative-spacing.mha", negative_y), same=True),
-        Row("huge-spacing", "huge spacing (1e5 mm: the network grid would have 10^9 voxels)", "refused", TOO_LARGE,
-            header("huge-spacing.mha", huge_z)),
-        Row("non-orthonormal", "non-orthonormal (sheared) direction", "processed",
-            "same labels as the clean case, direction kept", sheared("non-orthonormal.nii.gz"), same=True),
-        Row("singular-direction", "singular direction matrix", "refused", r"cannot read image \(Bad direction",
-            header("singular-direction.mha", direction=SINGULAR)),
-        Row("non-ascii-name", "spaces and non-ASCII characters in the file name", "processed",
-            "same labels as the clean case, same file name", copy_as("amos 9001 é ü.nii.gz"), same=True),
-        Row("symlink", "input is a symlink", "processed", "same labels as the clean case, a regular file written",
-            symlink("symlink.nii.gz"), same=True),
+        Row(
+            "nan-nifti",
+            "NaN and Inf voxels in a `.nii.gz` (ITK's NIfTI reader reads them as 0)",
+            "processed",
+            "written on the input's grid",
+            image("nan-nifti.nii.gz", lambda a: inf(nan(a))),
+        ),
+        Row(
+            "extreme-values",
+            "extreme values (+-3e38 in a few voxels)",
+            "processed",
+            "written on the input's grid",
+            image("extreme-values.nii.gz", with_extremes),
+        ),
+        Row(
+            "zero-spacing",
+            "zero spacing",
+            "refused",
+            r"cannot read image \(Zero-valued spacing is not supported",
+            header("zero-spacing.mha", zero_y),
+        ),
+        Row(
+            "negative-spacing",
+            "negative spacing (ITK reads a flipped axis)",
+            "processed",
+            "same labels as the clean case, direction flipped",
+            header("negative-spacing.mha", negative_y),
+            same=True,
+        ),
+        Row(
+            "huge-spacing",
+            "huge spacing (1e5 mm: the network grid would have 10^9 voxels)",
+            "refused",
+            TOO_LARGE,
+            header("huge-spacing.mha", huge_z),
+        ),
+        Row(
+            "non-orthonormal",
+            "non-orthonormal (sheared) direction",
+            "processed",
+            "same labels as the clean case, direction kept",
+            sheared("non-orthonormal.nii.gz"),
+            same=True,
+        ),
+        Row(
+            "singular-direction",
+            "singular direction matrix",
+            "refused",
+            r"cannot read image \(Bad direction",
+            header("singular-direction.mha", direction=SINGULAR),
+        ),
+        Row(
+            "non-ascii-name",
+            "spaces and non-ASCII characters in the file name",
+            "processed",
+            "same labels as the clean case, same file name",
+            copy_as("amos 9001 é ü.nii.gz"),
+            same=True,
+        ),
+        Row(
+            "symlink",
+            "input is a symlink",
+            "processed",
+            "same labels as the clean case, a regular file written",
+            symlink("symlink.nii.gz"),
+            same=True,
+        ),
         Row("dangling-symlink", "input is a dangling symlink", "refused", r"file not found", dangling),
-    ]  # fmt: skip
+    ]
 
 
 def autopet_rows() -> list[Row]:
@@ -315,36 +419,90 @@ def autopet_rows() -> list[Row]:
 
     return [
         Row("clean", "a clean PET/CT pair (the reference for the other rows)", "processed", "written", pair()),
-        Row("float64-pet", "float64 PET", "processed", "same labels as the clean pair",
-            pair(pet_array(lambda a: a.astype(np.float64))), same=True),
-        Row("nan-pet", "NaN voxel in the PET", "refused", r"1 non-finite voxel\(s\) \(NaN or Inf\)",
-            pair(pet_array(nan))),
-        Row("extreme-pet", "extreme PET values (+-3e38 in a few voxels)", "processed", "written on the PET's grid",
-            pair(pet_array(with_extremes))),
-        Row("all-zero-pet", "all-zero PET", "processed", "written on the PET's grid",
-            pair(pet_array(np.zeros_like))),
+        Row(
+            "float64-pet",
+            "float64 PET",
+            "processed",
+            "same labels as the clean pair",
+            pair(pet_array(lambda a: a.astype(np.float64))),
+            same=True,
+        ),
+        Row(
+            "nan-pet",
+            "NaN voxel in the PET",
+            "refused",
+            r"1 non-finite voxel\(s\) \(NaN or Inf\)",
+            pair(pet_array(nan)),
+        ),
+        Row(
+            "extreme-pet",
+            "extreme PET values (+-3e38 in a few voxels)",
+            "processed",
+            "written on the PET's grid",
+            pair(pet_array(with_extremes)),
+        ),
+        Row("all-zero-pet", "all-zero PET", "processed", "written on the PET's grid", pair(pet_array(np.zeros_like))),
         Row("one-slice-pet", "one-slice PET", "processed", "written on the PET's grid", pair(pet_array(one_slice))),
-        Row("zero-spacing-pet", "PET with zero spacing", "refused", r"cannot read image \(Zero-valued spacing",
-            pair(zero)),
-        Row("non-orthonormal-pet", "PET with a non-orthonormal (sheared) direction", "processed",
-            "written on the PET's grid", pair(pet_grid(sheared))),
-        Row("corrupt-ct", "corrupt CT, valid PET", "refused", r"cannot read image header",
-            pair(ct=garbage, blame="ct")),
+        Row(
+            "zero-spacing-pet",
+            "PET with zero spacing",
+            "refused",
+            r"cannot read image \(Zero-valued spacing",
+            pair(zero),
+        ),
+        Row(
+            "non-orthonormal-pet",
+            "PET with a non-orthonormal (sheared) direction",
+            "processed",
+            "written on the PET's grid",
+            pair(pet_grid(sheared)),
+        ),
+        Row(
+            "corrupt-ct", "corrupt CT, valid PET", "refused", r"cannot read image header", pair(ct=garbage, blame="ct")
+        ),
         Row("2d-ct", "2D CT", "refused", r"expected a 3D image, got 2D", pair(ct=ct_2d, blame="ct")),
-        Row("mismatched-ct", "PET/CT pair on different grids (CT cropped, other spacing and origin)", "processed",
-            "same labels as the clean pair (the CT is only checked)", pair(ct=ct_elsewhere), same=True),
-        Row("pet-without-ct", "PET without a CT of the same name", "refused",
-            r"no matching image named 'pet-without-ct' in socket\(s\) ct", pair(ct=SKIP)),
-        Row("ct-without-pet", "CT without a PET of the same name", "refused",
-            r"no matching image named 'ct-without-pet' in socket\(s\) pet", pair(pet=SKIP, blame="ct")),
-        Row("non-ascii-name", "spaces and non-ASCII characters in the file names", "processed",
-            "same labels as the clean pair, same file name", pair(), same=True),
-        Row("symlinks", "PET and CT are symlinks", "processed", "same labels as the clean pair",
-            pair(pet=lambda p, c: symlinked(p, c, c.path), ct=lambda p, c: symlinked(p, c, c.companion)), same=True),
-    ]  # fmt: skip
+        Row(
+            "mismatched-ct",
+            "PET/CT pair on different grids (CT cropped, other spacing and origin)",
+            "processed",
+            "same labels as the clean pair (the CT is only checked)",
+            pair(ct=ct_elsewhere),
+            same=True,
+        ),
+        Row(
+            "pet-without-ct",
+            "PET without a CT of the same name",
+            "refused",
+            r"no matching image named 'pet-without-ct' in socket\(s\) ct",
+            pair(ct=SKIP),
+        ),
+        Row(
+            "ct-without-pet",
+            "CT without a PET of the same name",
+            "refused",
+            r"no matching image named 'ct-without-pet' in socket\(s\) pet",
+            pair(pet=SKIP, blame="ct"),
+        ),
+        Row(
+            "non-ascii-name",
+            "spaces and non-ASCII characters in the file names",
+            "processed",
+            "same labels as the clean pair, same file name",
+            pair(),
+            same=True,
+        ),
+        Row(
+            "symlinks",
+            "PET and CT are symlinks",
+            "processed",
+            "same labels as the clean pair",
+            pair(pet=lambda p, c: symlinked(p, c, c.path), ct=lambda p, c: symlinked(p, c, c.companion)),
+            same=True,
+        ),
+    ]
 
 
-def SKIP(path: Path, clean: Clean) -> Path:  # noqa: N802 - a marker: this socket gets no file
+def SKIP(path: Path, clean: Clean) -> Path:
     return path
 
 
@@ -360,35 +518,95 @@ def run_rows() -> list[Row]:
     amos_model, autopet_model = "test_amos_model_problems", "test_autopet_model_problems"
     output = "test_unwritable_output"
     return [
-        Row("missing-socket", "a missing socket (no `images/ct/`)", "refused",
+        Row(
+            "missing-socket",
+            "a missing socket (no `images/ct/`)",
+            "refused",
             r"images/ct: no image for input socket 'ct'",
-            test="tests/test_autopet.py::test_missing_ct_socket_and_unreadable_ct", pipeline="AutoPET"),
-        Row("two-images-one-socket", "two images in one Grand Challenge socket folder", "processed",
-            "both written, each under its own name", test=here("test_two_images_in_one_socket_folder"),
-            pipeline="AMOS"),
-        Row("amos-missing-weights", "a fold's weights missing", "refused",
-            r"fold_0/model_final_checkpoint.model: file missing", test=here(amos_model, "amos-missing-weights"),
-            pipeline="AMOS"),
-        Row("amos-corrupt-checkpoint", "corrupt (truncated) checkpoint", "refused", r"cannot load checkpoint",
-            test=here(amos_model, "amos-corrupt-checkpoint"), pipeline="AMOS"),
-        Row("amos-other-architecture", "checkpoint of another architecture (shape mismatch)", "refused",
-            r"weights do not fit the network built from", test=here(amos_model, "amos-other-architecture"),
-            pipeline="AMOS"),
-        Row("amos-unknown-trainer", "plans naming an unknown trainer", "refused",
-            r"unknown trainer 'nnUNetTrainerV2_DoesNotExist'", test=here(amos_model, "amos-unknown-trainer"),
-            pipeline="AMOS"),
-        Row("autopet-missing-weights", "no weights", "refused", r"no \*\.pt checkpoint",
-            test=here(autopet_model, "autopet-missing-weights"), pipeline="AutoPET"),
-        Row("autopet-corrupt-checkpoint", "corrupt checkpoint", "refused", r"cannot read checkpoint",
-            test=here(autopet_model, "autopet-corrupt-checkpoint"), pipeline="AutoPET"),
-        Row("autopet-other-architecture", "checkpoint of another architecture (shape mismatch)", "refused",
-            r"wrongly shaped tensor\(s\)", test=here(autopet_model, "autopet-other-architecture"), pipeline="AutoPET"),
-        Row("read-only-output", "read-only output folder", "refused",
-            r"cannot write output \((Read-only file system|Permission denied)\)", test=here(output, "read-only-output"),
-            pipeline="AutoPET"),
-        Row("full-output", "full output folder (file size limit reached)", "refused", r"cannot write output",
-            test=here(output, "full-output"), pipeline="AutoPET"),
-    ]  # fmt: skip
+            test="tests/test_autopet.py::test_missing_ct_socket_and_unreadable_ct",
+            pipeline="AutoPET",
+        ),
+        Row(
+            "two-images-one-socket",
+            "two images in one Grand Challenge socket folder",
+            "processed",
+            "both written, each under its own name",
+            test=here("test_two_images_in_one_socket_folder"),
+            pipeline="AMOS",
+        ),
+        Row(
+            "amos-missing-weights",
+            "a fold's weights missing",
+            "refused",
+            r"fold_0/model_final_checkpoint.model: file missing",
+            test=here(amos_model, "amos-missing-weights"),
+            pipeline="AMOS",
+        ),
+        Row(
+            "amos-corrupt-checkpoint",
+            "corrupt (truncated) checkpoint",
+            "refused",
+            r"cannot load checkpoint",
+            test=here(amos_model, "amos-corrupt-checkpoint"),
+            pipeline="AMOS",
+        ),
+        Row(
+            "amos-other-architecture",
+            "checkpoint of another architecture (shape mismatch)",
+            "refused",
+            r"weights do not fit the network built from",
+            test=here(amos_model, "amos-other-architecture"),
+            pipeline="AMOS",
+        ),
+        Row(
+            "amos-unknown-trainer",
+            "plans naming an unknown trainer",
+            "refused",
+            r"unknown trainer 'nnUNetTrainerV2_DoesNotExist'",
+            test=here(amos_model, "amos-unknown-trainer"),
+            pipeline="AMOS",
+        ),
+        Row(
+            "autopet-missing-weights",
+            "no weights",
+            "refused",
+            r"no \*\.pt checkpoint",
+            test=here(autopet_model, "autopet-missing-weights"),
+            pipeline="AutoPET",
+        ),
+        Row(
+            "autopet-corrupt-checkpoint",
+            "corrupt checkpoint",
+            "refused",
+            r"cannot read checkpoint",
+            test=here(autopet_model, "autopet-corrupt-checkpoint"),
+            pipeline="AutoPET",
+        ),
+        Row(
+            "autopet-other-architecture",
+            "checkpoint of another architecture (shape mismatch)",
+            "refused",
+            r"wrongly shaped tensor\(s\)",
+            test=here(autopet_model, "autopet-other-architecture"),
+            pipeline="AutoPET",
+        ),
+        Row(
+            "read-only-output",
+            "read-only output folder",
+            "refused",
+            r"cannot write output \((Read-only file system|Permission denied)\)",
+            test=here(output, "read-only-output"),
+            pipeline="AutoPET",
+        ),
+        Row(
+            "full-output",
+            "full output folder (file size limit reached)",
+            "refused",
+            r"cannot write output",
+            test=here(output, "full-output"),
+            pipeline="AutoPET",
+        ),
+    ]
 
 
 ROWS = {"amos-task1": amos_rows(), "autopet2": autopet_rows(), "runs": run_rows()}
@@ -459,8 +677,9 @@ def amos_run(fixtures_dir: Path, amos_clean: Clean, tmp_path_factory) -> tuple[R
     folder = root / "in"
     folder.mkdir()
     inputs = {row.id: row.make(folder, amos_clean) for row in ROWS["amos-task1"]}
-    run = run_cli(*AMOS_ARGS, "--no-tta", "--input", folder, "--model", fixtures_dir / "amos_task1" / "model",
-                  output=root / "out")  # fmt: skip
+    run = run_cli(
+        *AMOS_ARGS, "--no-tta", "--input", folder, "--model", fixtures_dir / "amos_task1" / "model", output=root / "out"
+    )
     return run, inputs
 
 
@@ -478,9 +697,7 @@ def test_amos_inputs(row: Row, amos_run) -> None:
     assert_no_temporary_files(run.output)
 
 
-def assert_case_outcome(
-    row: Row, run: Run, source: Path, output: Path, clean_output: Path, clean_labels: int
-) -> None:
+def assert_case_outcome(row: Row, run: Run, source: Path, output: Path, clean_output: Path, clean_labels: int) -> None:
     """The row's expected outcome for its case ``source`` (whose output would be ``output``); the clean case's
     labels must show at least ``clean_labels`` distinct values (background included)."""
     if row.expected == "refused":
@@ -529,8 +746,14 @@ def test_autopet_inputs(row: Row, autopet_run) -> None:
     outputs = run.output / "images" / AUTOPET_OUTPUT
     name = AUTOPET_NAMES.get(row.id, row.id)
     pet = source.parents[1] / "pet" / f"{name}.mha"
-    assert_case_outcome(row, run, source if row.expected == "refused" else pet, outputs / f"{name}.mha",
-                        outputs / "clean.mha", clean_labels=2)  # fmt: skip
+    assert_case_outcome(
+        row,
+        run,
+        source if row.expected == "refused" else pet,
+        outputs / f"{name}.mha",
+        outputs / "clean.mha",
+        clean_labels=2,
+    )
     assert_no_temporary_files(run.output)
 
 
@@ -552,8 +775,15 @@ def test_two_images_in_one_socket_folder(fixtures_dir: Path, amos_clean: Clean, 
     socket.mkdir(parents=True)
     shutil.copy(amos_clean.path, socket / "a.nii.gz")
     write(socket / "b.mha", amos_clean.array.astype(np.float32), amos_clean.geometry)
-    run = run_cli(*AMOS_ARGS, "--no-tta", "--input", tmp_path / "in", "--model", fixtures_dir / "amos_task1" / "model",
-                  output=tmp_path / "out")  # fmt: skip
+    run = run_cli(
+        *AMOS_ARGS,
+        "--no-tta",
+        "--input",
+        tmp_path / "in",
+        "--model",
+        fixtures_dir / "amos_task1" / "model",
+        output=tmp_path / "out",
+    )
     assert run.code == 0, run.errors
     outputs = tmp_path / "out" / "images" / AMOS_OUTPUT
     assert run.files() == [outputs / "a.mha", outputs / "b.mha"]
@@ -678,9 +908,17 @@ def test_unwritable_output(row_id: str, fixtures_dir: Path, autopet_clean: Clean
     output.mkdir()
     try:
         full = row_id == "full-output"
-        process = cli_process(*AUTOPET_ARGS, "--input", tmp_path / "in", "--output", output, "--model",
-                              fixtures_dir / "autopet2" / "model", prefix=[] if full else read_only(output),
-                              preexec=limit_file_size if full else None)  # fmt: skip
+        process = cli_process(
+            *AUTOPET_ARGS,
+            "--input",
+            tmp_path / "in",
+            "--output",
+            output,
+            "--model",
+            fixtures_dir / "autopet2" / "model",
+            prefix=[] if full else read_only(output),
+            preexec=limit_file_size if full else None,
+        )
         _, stderr = process.communicate(timeout=300)
     finally:
         output.chmod(0o755)
@@ -705,8 +943,9 @@ def test_interruption_leaves_no_partial_output(
     signum: int, fixtures_dir: Path, many_amos_cases: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "out"
-    process = cli_process(*AMOS_ARGS, "--input", many_amos_cases, "--output", output, "--model",
-                          fixtures_dir / "amos_task1" / "model")  # fmt: skip
+    process = cli_process(
+        *AMOS_ARGS, "--input", many_amos_cases, "--output", output, "--model", fixtures_dir / "amos_task1" / "model"
+    )
     started = time.monotonic()
     for line in process.stderr:  # the run has started predicting once it logs its settings
         if "amos-task1: 10 case(s)" in line:
@@ -746,8 +985,14 @@ def test_autopet_output_is_byte_identical_across_runs(
 ) -> None:
     run, _ = autopet_run
     next(r for r in ROWS["autopet2"] if r.id == "clean").make(tmp_path / "in", autopet_clean, "clean")
-    again = run_cli(*AUTOPET_ARGS, "--input", tmp_path / "in", "--model", fixtures_dir / "autopet2" / "model",
-                    output=tmp_path / "out")  # fmt: skip
+    again = run_cli(
+        *AUTOPET_ARGS,
+        "--input",
+        tmp_path / "in",
+        "--model",
+        fixtures_dir / "autopet2" / "model",
+        output=tmp_path / "out",
+    )
     assert again.code == 0, again.errors
     name = Path("images") / AUTOPET_OUTPUT / "clean.mha"
     assert (again.output / name).read_bytes() == (run.output / name).read_bytes()
@@ -759,8 +1004,12 @@ def test_cuda_runs_use_deterministic_algorithms(monkeypatch) -> None:
     from gcinfer.runner import run_cases
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    before = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     try:
         torch.backends.cudnn.benchmark = True
         run_cases([], lambda case, stages: None, torch.device("cpu"), progress=False)

@@ -11,21 +11,27 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import tomllib
 
-from gcinfer import checks, entrypoint
+from gcinfer import entrypoint
+from gcinfer.config import Sockets, read_json
 from gcinfer.io import Geometry, write_label_map
+from gcinfer_dev import checks
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-SCRIPTS = ["build.sh", "export.sh", "test.sh", "test_autopet.sh", *sorted(
-    str(p.relative_to(REPOSITORY)) for p in (REPOSITORY / "containers").glob("*.sh")
-)]  # fmt: skip
+SCRIPTS = [
+    "build.sh",
+    "export.sh",
+    "test.sh",
+    "test_autopet.sh",
+    *sorted(str(p.relative_to(REPOSITORY)) for p in (REPOSITORY / "containers").glob("*.sh")),
+]
 
 
 def _shellcheck() -> str:
@@ -158,7 +164,11 @@ def test_export_writes_image_archive_and_model_tarball(tmp_path: Path) -> None:
     env = {"PATH": f"{engine_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "DIST": str(dist)}
     result = _run("export.sh", "autopet2", "amos_task1", "--no-build", "--models", str(models), env=env)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in dist.iterdir()) == ["autopet2-model.tar.gz", "gc-amos-task1.tar.gz", "gc-autopet2.tar.gz"]
+    assert sorted(p.name for p in dist.iterdir()) == [
+        "autopet2-model.tar.gz",
+        "gc-amos-task1.tar.gz",
+        "gc-autopet2.tar.gz",
+    ]
     assert subprocess.run(["gunzip", "-c", dist / "gc-autopet2.tar.gz"], capture_output=True).stdout == (
         b"image archive of gc-autopet2"
     )
@@ -183,8 +193,16 @@ def container_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_entrypoint_defaults_grand_challenge(container_dir: Path) -> None:
     argv = entrypoint.container_argv("autopet2", container_dir, ["-q", "--ensemble", "mean"], workspace=False)
     model = entrypoint.GRAND_CHALLENGE_MODEL
-    assert argv == ["-q", "autopet2", "--config", f"{container_dir}/config.json", "--model", str(model),
-                    "--ensemble", "mean"]  # fmt: skip
+    assert argv == [
+        "-q",
+        "autopet2",
+        "--config",
+        f"{container_dir}/config.json",
+        "--model",
+        str(model),
+        "--ensemble",
+        "mean",
+    ]
 
 
 def test_entrypoint_prefers_the_model_tarball_over_baked_weights(container_dir: Path) -> None:
@@ -251,7 +269,9 @@ def test_checks_reject_an_extra_file(amos_run: dict[str, Path], capsys: pytest.C
     assert f"FAILED unexpected file {amos_run['output'] / 'softmax.npz'}" in out
 
 
-def test_checks_reject_wrong_geometry_dtype_and_labels(amos_run: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+def test_checks_reject_wrong_geometry_dtype_and_labels(
+    amos_run: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
     output = amos_run["output"] / "amos_0001.nii.gz"
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output))).astype(np.int16)
     labels[0, 0, 0] = 3
@@ -275,7 +295,7 @@ def test_checks_reject_a_low_dice(amos_run: dict[str, Path], capsys: pytest.Capt
 
 def test_autopet_dataset_is_found_in_both_layouts(tmp_path: Path, fixtures_dir: Path) -> None:
     config = REPOSITORY / "docker" / "autopet2" / "config.json"
-    sockets = checks.sockets_of(checks.json.loads(config.read_text()), config)
+    sockets = Sockets.of(read_json(config), config)
     folders = checks.write_autopet_dataset(tmp_path / "nifti", studies=3, seed=0)
     nifti = checks.find_studies(tmp_path / "nifti", sockets)
     assert [s.name for s in nifti] == [f"{f.parent.name}_{f.name}" for f in folders]
@@ -296,11 +316,16 @@ def _script(args: list[str], fixtures_dir: Path, timeout: int) -> subprocess.Com
 def test_test_sh_local_passes_on_the_fixtures(fixtures_dir: Path) -> None:
     result = _script(["bash", "test.sh", "--local"], fixtures_dir, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["amos_task1"], ["amos_task2"], ["autopet2"])]
+    rows = [
+        line.split()
+        for line in result.stdout.splitlines()
+        if line.split()[:1] in (["amos_task1"], ["amos_task2"], ["autopet2"])
+    ]
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("amos_task1", "grand-challenge", "pass"), ("amos_task2", "grand-challenge", "pass"),
+        ("amos_task1", "grand-challenge", "pass"),
+        ("amos_task2", "grand-challenge", "pass"),
         ("autopet2", "grand-challenge", "pass"),
-    ]  # fmt: skip
+    ]
     assert all("identical to the library" in line for line in result.stdout.splitlines()[-3:])
 
 
@@ -308,15 +333,29 @@ def test_test_autopet_sh_local_scores_a_three_study_dataset(tmp_path: Path, fixt
     checks.write_autopet_dataset(tmp_path / "dataset", studies=3, seed=0)
     work = tmp_path / "work"
     result = _script(
-        ["bash", "test_autopet.sh", str(tmp_path / "dataset"), "--local", "--jobs", "2", "--output", str(work),
-         "--model", str(fixtures_dir / "autopet2" / "model")],
-        fixtures_dir, timeout=600,
-    )  # fmt: skip
+        [
+            "bash",
+            "test_autopet.sh",
+            str(tmp_path / "dataset"),
+            "--local",
+            "--jobs",
+            "2",
+            "--output",
+            str(work),
+            "--model",
+            str(fixtures_dir / "autopet2" / "model"),
+        ],
+        fixtures_dir,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     with (work / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["study"] for r in rows] == ["PETCT_0000_2026-01-01-NA-PET-CT", "PETCT_0001_2026-01-02-NA-PET-CT",
-                                          "PETCT_0002_2026-01-03-NA-PET-CT"]  # fmt: skip
+    assert [r["study"] for r in rows] == [
+        "PETCT_0000_2026-01-01-NA-PET-CT",
+        "PETCT_0001_2026-01-02-NA-PET-CT",
+        "PETCT_0002_2026-01-03-NA-PET-CT",
+    ]
     assert all(r["status"] == "ok" for r in rows)
     assert np.mean([float(r["dice"]) for r in rows]) >= 0.7
     assert "3/3 studies scored" in result.stdout
@@ -328,11 +367,22 @@ def test_test_autopet_sh_reports_a_study_it_cannot_read(tmp_path: Path, fixtures
     suv.write_bytes(suv.read_bytes()[:1000])
     work = tmp_path / "work"
     result = _script(
-        ["bash", "test_autopet.sh", str(tmp_path / "dataset"), "--local", "--output", str(work),
-         "--model", str(fixtures_dir / "autopet2" / "model")],
-        fixtures_dir, timeout=120,
-    )  # fmt: skip
+        [
+            "bash",
+            "test_autopet.sh",
+            str(tmp_path / "dataset"),
+            "--local",
+            "--output",
+            str(work),
+            "--model",
+            str(fixtures_dir / "autopet2" / "model"),
+        ],
+        fixtures_dir,
+        timeout=120,
+    )
     assert result.returncode == 1
-    assert f"FAILED PETCT_0000_2026-01-01-NA-PET-CT: failed (cannot stage the inputs: {suv}: cannot read image " \
-           "(corrupt or truncated gzip data" in result.stdout
+    assert (
+        f"FAILED PETCT_0000_2026-01-01-NA-PET-CT: failed (cannot stage the inputs: {suv}: cannot read image "
+        "(corrupt or truncated gzip data" in result.stdout
+    )
     assert "0/1 studies scored" in result.stdout

@@ -8,9 +8,9 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
-from gcinfer.fixtures.petct import rotation
+from gcinfer.engine.spatial import plan_spatial, ras_affine, resample
 from gcinfer.io import Geometry
-from gcinfer.spatial import plan_spatial, ras_affine, resample
+from gcinfer_dev.fixtures.petct import rotation
 
 AUTOPET_SPACING = (2.03642011, 2.03642011, 3.0)
 DIRECTIONS = {

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from gcinfer.tiling import (
+from gcinfer.engine.tiling import (
     _fallback_attempts,
     gaussian_monai,
     gaussian_nnunet,
@@ -47,12 +47,22 @@ def generic_unet(seed: int) -> Generic_UNet:
     """A small nnU-Net v1 3d_fullres-style Generic_UNet (instance norm, leaky ReLU), deep supervision off."""
     torch.manual_seed(seed)
     network = Generic_UNet(
-        CHANNELS, 4, CLASSES, 2, conv_op=nn.Conv3d, norm_op=nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=nn.Dropout3d,
-        dropout_op_kwargs={"p": 0, "inplace": True}, nonlin=nn.LeakyReLU,
-        nonlin_kwargs={"negative_slope": 1e-2, "inplace": True}, deep_supervision=False,
-        final_nonlin=lambda x: x, pool_op_kernel_sizes=[[2, 2, 2]] * 2, conv_kernel_sizes=[[3, 3, 3]] * 3,
-    )  # fmt: skip
+        CHANNELS,
+        4,
+        CLASSES,
+        2,
+        conv_op=nn.Conv3d,
+        norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        dropout_op=nn.Dropout3d,
+        dropout_op_kwargs={"p": 0, "inplace": True},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"negative_slope": 1e-2, "inplace": True},
+        deep_supervision=False,
+        final_nonlin=lambda x: x,
+        pool_op_kernel_sizes=[[2, 2, 2]] * 2,
+        conv_kernel_sizes=[[3, 3, 3]] * 3,
+    )
     network.do_ds = False
     network.inference_apply_nonlin = softmax_helper
     return network.eval()
@@ -63,9 +73,18 @@ def fabians_unet(seed: int) -> FabiansUNet:
     torch.manual_seed(seed)
     props = get_default_network_config(3, None, norm_type="in")
     network = FabiansUNet(
-        CHANNELS, 4, (1, 1, 1), 2, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [[3, 3, 3]] * 3, props, CLASSES, (1, 1),
-        deep_supervision=False, max_features=32,
-    )  # fmt: skip
+        CHANNELS,
+        4,
+        (1, 1, 1),
+        2,
+        [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        [[3, 3, 3]] * 3,
+        props,
+        CLASSES,
+        (1, 1),
+        deep_supervision=False,
+        max_features=32,
+    )
     network.decoder.deep_supervision = False
     network.inference_apply_nonlin = softmax_helper
     return network.eval()
@@ -85,18 +104,28 @@ def volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def nnunet_reference(network: SegmentationNetwork, image: torch.Tensor, step: float, axes: tuple[int, ...],
-                     gaussian: bool = True) -> torch.Tensor:  # fmt: skip
+def nnunet_reference(
+    network: SegmentationNetwork, image: torch.Tensor, step: float, axes: tuple[int, ...], gaussian: bool = True
+) -> torch.Tensor:
     """nnU-Net v1 predict_3D softmax probabilities (K, X, Y, Z), sliding window, CPU, fp32."""
     probabilities = network.predict_3D(
-        image.numpy(), do_mirroring=bool(axes), mirror_axes=axes, use_sliding_window=True, step_size=step,
-        patch_size=PATCH, use_gaussian=gaussian, all_in_gpu=False, verbose=False, mixed_precision=False,
-    )[1]  # fmt: skip
+        image.numpy(),
+        do_mirroring=bool(axes),
+        mirror_axes=axes,
+        use_sliding_window=True,
+        step_size=step,
+        patch_size=PATCH,
+        use_gaussian=gaussian,
+        all_in_gpu=False,
+        verbose=False,
+        mixed_precision=False,
+    )[1]
     return torch.from_numpy(probabilities)
 
 
-def monai_reference(network: nn.Module, image: torch.Tensor, overlap: float, sw_batch_size: int,
-                    softmax: bool = True) -> torch.Tensor:  # fmt: skip
+def monai_reference(
+    network: nn.Module, image: torch.Tensor, overlap: float, sw_batch_size: int, softmax: bool = True
+) -> torch.Tensor:
     """MONAI sliding_window_inference (gaussian, sigma 0.125, constant padding) of softmax or logits, (K, X, Y, Z)."""
 
     def predictor(tiles: torch.Tensor) -> torch.Tensor:
@@ -104,9 +133,15 @@ def monai_reference(network: nn.Module, image: torch.Tensor, overlap: float, sw_
 
     with torch.inference_mode():
         return sliding_window_inference(
-            image[None], PATCH, sw_batch_size, predictor, overlap, mode="gaussian", sigma_scale=0.125,
+            image[None],
+            PATCH,
+            sw_batch_size,
+            predictor,
+            overlap,
+            mode="gaussian",
+            sigma_scale=0.125,
             padding_mode="constant",
-        )[0]  # fmt: skip
+        )[0]
 
 
 def assert_close(result: torch.Tensor, reference: torch.Tensor) -> None:
@@ -239,7 +274,7 @@ def test_out_of_memory_falls_back_with_the_same_result(failing_calls: set[int], 
     network, image = generic_unet(0), volume((CHANNELS, 21, 17, 27))
     expected = predict_tiled(image, network, PATCH, mirror_axes=(0,), progress=False)
     failing = FailingNetwork(network, failing_calls)
-    with caplog.at_level(logging.WARNING, logger="gcinfer.tiling"):
+    with caplog.at_level(logging.WARNING, logger="gcinfer.engine.tiling"):
         result = predict_tiled(image, failing, PATCH, mirror_axes=(0,), progress=False)
     assert torch.equal(result, expected)
     assert len(caplog.records) == 1 and "out of memory" in caplog.records[0].getMessage()
@@ -247,7 +282,7 @@ def test_out_of_memory_falls_back_with_the_same_result(failing_calls: set[int], 
 
 def test_out_of_memory_on_the_cpu_is_raised_after_the_host_attempt(caplog) -> None:
     failing = FailingNetwork(generic_unet(0), {0, 1})
-    with caplog.at_level(logging.WARNING, logger="gcinfer.tiling"), pytest.raises(torch.OutOfMemoryError):
+    with caplog.at_level(logging.WARNING, logger="gcinfer.engine.tiling"), pytest.raises(torch.OutOfMemoryError):
         predict_tiled(volume((CHANNELS, 16, 12, 20)), failing, PATCH, progress=False)
     assert failing.calls == 2 and len(caplog.records) == 1
 

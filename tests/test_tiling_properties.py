@@ -32,11 +32,13 @@ with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # nn
     warnings.simplefilter("ignore", DeprecationWarning)  # and imports scipy.ndimage.filters
     from nnunet.network_architecture.neural_network import SegmentationNetwork
     from nnunet.utilities.nd_softmax import softmax_helper
+import itertools
+
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 
-from gcinfer.tiling import predict_tiled, tile_starts_monai, tile_starts_nnunet
+from gcinfer.engine.tiling import predict_tiled, tile_starts_monai, tile_starts_nnunet
 
 TOLERANCE = 1e-4  # parity with the references (as tests/test_tiling.py)
 EXACT = 1e-5  # float32 rounding of sums of a few terms
@@ -81,7 +83,7 @@ class ConvNet(SegmentationNetwork):
         return self.layers(x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def conv_net(channels: int, num_classes: int, seed: int = 0) -> ConvNet:
     return ConvNet(channels, num_classes, seed)
 
@@ -114,9 +116,15 @@ def mode_options(data: st.DataObject, mode: str) -> dict:
 def test_result_is_a_probability_map_of_the_volume_shape(shape, patch, k, axes, batch, gaussian, data) -> None:
     mode = data.draw(st.sampled_from(("nnunet", "monai")), label="mode")
     result = predict_tiled(
-        volume(shape), conv_net(shape[0], k), patch, mirror_axes=axes, tile_batch_size=batch, gaussian=gaussian,
-        progress=False, **mode_options(data, mode),
-    )  # fmt: skip
+        volume(shape),
+        conv_net(shape[0], k),
+        patch,
+        mirror_axes=axes,
+        tile_batch_size=batch,
+        gaussian=gaussian,
+        progress=False,
+        **mode_options(data, mode),
+    )
     assert result.shape == (k, *shape[1:]) and result.dtype == torch.float32
     assert torch.isfinite(result).all()
     assert result.min() >= 0.0 and result.max() <= 1.0 + EXACT
@@ -128,9 +136,15 @@ def test_result_is_a_probability_map_of_the_volume_shape(shape, patch, k, axes, 
 
 @PROPERTY
 @given(
-    shape=volumes, patch=patches, k=classes, axes=mirror_axes, batch=batches, gaussian=st.booleans(),
-    weights=st.lists(st.floats(0.1, 3.0), min_size=1, max_size=3), data=st.data(),
-)  # fmt: skip
+    shape=volumes,
+    patch=patches,
+    k=classes,
+    axes=mirror_axes,
+    batch=batches,
+    gaussian=st.booleans(),
+    weights=st.lists(st.floats(0.1, 3.0), min_size=1, max_size=3),
+    data=st.data(),
+)
 def test_pointwise_network_gives_the_untiled_prediction(shape, patch, k, axes, batch, gaussian, weights, data) -> None:
     """Every tile, flip and network sees each voxel alone, so tiling must reproduce the whole-volume prediction."""
     mode = data.draw(st.sampled_from(("nnunet", "monai")), label="mode")
@@ -138,9 +152,17 @@ def test_pointwise_network_gives_the_untiled_prediction(shape, patch, k, axes, b
     networks = [pointwise_net(shape[0], k, seed) for seed in range(len(weights))]
     image = volume(shape)
     result = predict_tiled(
-        image, networks, patch, mirror_axes=axes, tile_batch_size=batch, gaussian=gaussian, weights=weights,
-        output=output, progress=False, **mode_options(data, mode),
-    )  # fmt: skip
+        image,
+        networks,
+        patch,
+        mirror_axes=axes,
+        tile_batch_size=batch,
+        gaussian=gaussian,
+        weights=weights,
+        output=output,
+        progress=False,
+        **mode_options(data, mode),
+    )
     with torch.inference_mode():
         per_network = [n(image[None])[0] for n in networks]
     if output == "probabilities":
@@ -169,7 +191,7 @@ full_patches = st.integers(1, 320)
 
 def assert_covers_without_gaps(starts: list[int], size: int, patch: int) -> None:
     assert starts[0] == 0 and starts[-1] + patch == size
-    assert all(0 <= b - a <= patch for a, b in zip(starts, starts[1:]))  # nnU-Net's rounding may repeat a start
+    assert all(0 <= b - a <= patch for a, b in itertools.pairwise(starts))  # nnU-Net's rounding may repeat a start
 
 
 @PLACEMENT
@@ -180,7 +202,7 @@ def test_tile_starts_match_nnunet_at_full_size(size: int, patch: int, step: floa
     assert [starts] == SegmentationNetwork._compute_steps_for_sliding_window((patch,), (size,), step)
     assert_covers_without_gaps(starts, size, patch)
     if len(starts) > 1:
-        assert max(b - a for a, b in zip(starts, starts[1:])) <= patch * step + 1
+        assert max(b - a for a, b in itertools.pairwise(starts)) <= patch * step + 1
 
 
 @PLACEMENT
@@ -209,9 +231,17 @@ def test_parity_with_nnunet_predict_3d(shape, patch, step, axes, k, gaussian) ->
         image, network, patch, mode="nnunet", step_size=step, mirror_axes=axes, gaussian=gaussian, progress=False
     )
     reference = network.predict_3D(
-        image.numpy(), do_mirroring=bool(axes), mirror_axes=axes, use_sliding_window=True, step_size=step,
-        patch_size=patch, use_gaussian=gaussian, all_in_gpu=False, verbose=False, mixed_precision=False,
-    )[1]  # fmt: skip
+        image.numpy(),
+        do_mirroring=bool(axes),
+        mirror_axes=axes,
+        use_sliding_window=True,
+        step_size=step,
+        patch_size=patch,
+        use_gaussian=gaussian,
+        all_in_gpu=False,
+        verbose=False,
+        mixed_precision=False,
+    )[1]
     assert_close(result, torch.from_numpy(reference))
 
 
@@ -224,7 +254,13 @@ def test_parity_with_monai_sliding_window_inference(shape, patch, overlap, batch
     )
     with torch.inference_mode():
         reference = sliding_window_inference(
-            image[None], patch, batch, lambda tiles: torch.softmax(network(tiles), 1), overlap,
-            mode="gaussian" if gaussian else "constant", sigma_scale=0.125, padding_mode="constant",
-        )[0]  # fmt: skip
+            image[None],
+            patch,
+            batch,
+            lambda tiles: torch.softmax(network(tiles), 1),
+            overlap,
+            mode="gaussian" if gaussian else "constant",
+            sigma_scale=0.125,
+            padding_mode="constant",
+        )[0]
     assert_close(result, reference)

@@ -10,20 +10,18 @@ import contextlib
 import gzip
 import os
 import re
-import zlib
 import tempfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
+from gcinfer.errors import InputError
+
 IMAGE_SUFFIXES = (".mha", ".nii.gz", ".nii")
-
-
-class InputError(Exception):
-    """A problem with one input or output file; the message names the file and the cause."""
 
 
 @dataclass(frozen=True)

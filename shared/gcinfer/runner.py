@@ -11,22 +11,27 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
+from gcinfer.cases import Case, discover_cases
 from gcinfer.devices import (
     peak_device_bytes,
     peak_rss_bytes,
     reset_peak_device_bytes,
     use_deterministic_algorithms,
 )
-from gcinfer.io import InputError
-from gcinfer.layout import Case
+from gcinfer.errors import InputError
 
-log = logging.getLogger("gcinfer")
+if TYPE_CHECKING:
+    from gcinfer.pipelines.base import Pipeline
+
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -127,7 +132,7 @@ def run_cases(
             log.error("%s: %s", case.name, error)
             results.append(CaseResult(case.name, False, time.perf_counter() - start, str(error)))
             continue
-        except Exception as error:  # noqa: BLE001 - a broken case must not stop the others
+        except Exception as error:
             log.exception("%s: failed", case.name)
             message = f"{type(error).__name__}: {error}"
             results.append(CaseResult(case.name, False, time.perf_counter() - start, message))
@@ -144,3 +149,16 @@ def summarize(results: Sequence[CaseResult]) -> int:
     for r in failed:
         log.error("FAILED %s: %s", r.name, r.message)
     return EXIT_FAILED if failed or not results else EXIT_OK
+
+
+def run_folder(name: str, pipeline: Pipeline, input_dir: Path, output_dir: Path) -> int:
+    """Segment every case of ``input_dir`` into ``output_dir`` with a restored ``pipeline``; the exit code.
+
+    Raises:
+        InputError: the folders themselves are unusable (no case is run).
+    """
+    cases = discover_cases(input_dir, output_dir, pipeline.sockets)
+    log.info("%s: %d case(s), %s", name, len(cases), pipeline.describe())
+    code = summarize(run_cases(cases, pipeline.predict_case, pipeline.device))
+    pipeline.finish(output_dir, code == EXIT_OK)
+    return code

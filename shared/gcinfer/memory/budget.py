@@ -1,0 +1,111 @@
+"""Memory budgets: what the operating system and the device leave for a case (the probes of the planner).
+
+The host's budget is the cgroup memory limit when there is one (the container's ``--memory``), else the physical
+memory, minus what the process already holds and a margin, and at most the address space ``ulimit -v`` leaves; the
+device's is its free memory plus PyTorch's cached free blocks, minus a margin for cuDNN workspaces and
+fragmentation. Tests and the benchmark pass budgets explicitly, e.g. :data:`T4_FREE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+T4_FREE_BYTES = (15360 - 600) * 2**20
+"""A T4 as Grand Challenge's instances report it (15,360 MiB) minus ~600 MiB of CUDA context and cuDNN kernels."""
+HOST_MARGIN_BYTES = 512 * 2**20
+"""Kept free on the host: allocator fragmentation, library buffers, thread stacks."""
+DEVICE_MARGIN = 0.08
+"""Fraction of the device budget kept free: cuDNN workspaces and the caching allocator's fragmentation."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read_limit(path: Path) -> int | None:
+    """A cgroup memory limit file's value in bytes; None when absent, unreadable or unlimited (``max``)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """The process's memory limit: cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes`` when set, else (or when
+    larger) the physical memory."""
+    physical = physical_memory_bytes()
+    for path in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):
+        limit = _read_limit(path)
+        if limit is not None:
+            return min(limit, physical)
+    return physical
+
+
+def status_bytes(field: str) -> int:
+    """A size field of ``/proc/self/status`` (``VmRSS``, ``VmSize``) in bytes."""
+    with open("/proc/self/status") as status:
+        return next((int(line.split()[1]) * 1024 for line in status if line.startswith(f"{field}:")), 0)
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (``VmRSS``)."""
+    return status_bytes("VmRSS")
+
+
+def address_space_left_bytes() -> int | None:
+    """Address space this process may still map under ``RLIMIT_AS`` (``ulimit -v``); None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft - status_bytes("VmSize")
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA ``device`` (driver's free memory plus PyTorch's cached free blocks); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes a case may still use, after what the process already holds.
+
+    Attributes:
+        device: on the device; None when the device is the CPU (device buffers then live on the host).
+        host: on the host.
+    """
+
+    device: int | None
+    host: int
+
+    @classmethod
+    def detect(
+        cls, device: torch.device, held_bytes: int = 0, device_bytes: int | None = None, host_bytes: int | None = None
+    ) -> Budget:
+        """The budget of ``device`` and this host now.
+
+        Args:
+            held_bytes: host memory the process holds now that the model counts itself (e.g. the image just read).
+            device_bytes, host_bytes: override the detection (before the margins), e.g. :data:`T4_FREE_BYTES`.
+        """
+        if host_bytes is None:
+            left = [host_limit_bytes() - rss_bytes(), address_space_left_bytes()]
+            host_bytes = min(x for x in left if x is not None) + held_bytes - HOST_MARGIN_BYTES
+        if device_bytes is None:
+            device_bytes = device_free_bytes(device)
+        if device_bytes is not None:
+            device_bytes = int(device_bytes * (1 - DEVICE_MARGIN))
+        return cls(device_bytes, max(int(host_bytes), 0))
+
+    @property
+    def shared(self) -> bool:
+        """Device and host are the same memory (CPU device)."""
+        return self.device is None

@@ -1,0 +1,292 @@
+"""AMOS 2022 task 1 (CT) and task 2 (CT or MRI) pipelines: the winning nnU-Net v1 ensembles, in memory.
+
+Upstream (nnU-Net v1 ``documentation/amos2022/run_inference_task{1,2}.py``) predicts every configuration with
+``predict_cases_amos2022`` (saving each configuration's softmax as a compressed npz per case), averages those
+with ``merge``, then applies the organ-wise post-processing. This module computes the same label maps with
+everything on the device and nothing written but the final label map. Per case:
+
+1. read the image and crop it to its non-zero bounding box (nnU-Net's crop, shared by all configurations);
+2. per configuration: preprocess as nnU-Net v1 does for its plans (:mod:`.nnunet_v1`), predict all its
+   folds in one tiled pass (:func:`gcinfer.engine.tiling.predict_tiled`, nnU-Net mode: step 0.5, Gaussian, 8 mirrors,
+   fp16 autocast on CUDA), resample that fold mean per channel to the crop's shape (trilinear, as the AMOS
+   inference code does), transpose it back and add it to the ensemble accumulator (:func:`accumulate`);
+3. argmax of the float16 mean over configurations into the full image (background outside the crop), organ-wise
+   post-processing
+   (:func:`gcinfer.pipelines.amos.postprocessing.postprocess_organs`, cupy on CUDA when installed), write uint8 with the
+   input's geometry.
+
+Memory (``K`` classes, ``Nc`` voxels in the crop, ``Nt`` voxels of a configuration's network input):
+
+- ensemble accumulator: ``(K, *crop)``, the largest buffer, in the memory plan's ensemble dtype
+  (:mod:`gcinfer.memory`). float32 (``4 K Nc`` bytes) when it fits: the sum of each configuration's softmax
+  rounded to float16, as upstream stores it in its npz: upstream's float16 mean by the same arithmetic, so that
+  its ties break the same way (they are frequent: float16 resolves 2**-11 near 0.5). Otherwise float16
+  (``2 K Nc``; a 512 x 512 x 300 CT with 16 classes: 2.5 GB instead of 5 GB), the running mean
+  ``sum p / n_configurations``;
+- a configuration's tiled prediction: ``(K, *network input)`` float32 (``4 K Nt`` bytes), the tiling engine's
+  accumulator, freed once resampled; folds and mirrors are summed inside each tile by the engine;
+- resampling: one ``Nc`` float32 channel at a time; argmax: a few slices at a time; labels: ``uint8``.
+
+So the working memory is ``4 K Nc + 4 K Nt`` (or ``2 K Nc + 4 K Nt``) plus small terms, whatever the number of
+folds and configurations.
+The weights of one configuration's folds are on the device at a time (one network per fold, restored once per
+run and kept on the host): that costs ``folds x weights`` of device memory but lets the engine run every fold
+on each tile in one pass, where reloading one network per fold would need a second ``4 K Nt`` accumulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gcinfer.cases import Case
+from gcinfer.config import Sockets
+from gcinfer.devices import autocast_dtype_for
+from gcinfer.engine.resampling import resize_channels_trilinear
+from gcinfer.engine.tiling import predict_tiled
+from gcinfer.errors import InputError
+from gcinfer.io import Geometry, read_image, write_label_map
+from gcinfer.memory import Budget, NetworkCost, Plan
+from gcinfer.pipelines.amos import nnunet_v1
+from gcinfer.pipelines.amos.ensemble import accumulate, labels_in_image
+from gcinfer.pipelines.amos.memory import AmosCase, amos_network_costs, plan_amos
+from gcinfer.pipelines.amos.postprocessing import backend_for, parse_table, postprocess_organs
+from gcinfer.runner import StageLog
+
+log = logging.getLogger("gcinfer")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's choices: the container config, overridden by the command line.
+
+    Attributes:
+        sockets: the Grand Challenge input socket (one) and output socket.
+        models: configuration folder names ``<Trainer>__<Plans>`` to ensemble.
+        folds: folds of every configuration to ensemble.
+        checkpoint: checkpoint name in each fold folder.
+        step_size: tile step as a fraction of the patch.
+        mirror_axes: spatial axes mirrored at test time (empty: no test-time augmentation).
+        tile_batch_size: tiles per forward pass (speed and memory only).
+        postprocessing: the organ-wise post-processing table, or None to skip it.
+    """
+
+    sockets: Sockets
+    models: tuple[str, ...]
+    folds: tuple[int, ...]
+    checkpoint: str
+    step_size: float
+    mirror_axes: tuple[int, ...]
+    tile_batch_size: int
+    postprocessing: dict | None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The AMOS pipelines' own flags (the CLI adds --input, --output, --model, --device, --config)."""
+    parser.add_argument("--models", nargs="+", metavar="TRAINER__PLANS", help="configurations (default: the config's)")
+    parser.add_argument("--folds", nargs="+", type=int, metavar="K", help="folds (default: the config's, 0 1 2 3 4)")
+    parser.add_argument("--no-tta", action="store_true", help="no test-time mirroring")
+    parser.add_argument("--step-size", type=float, default=None, help="tile step, fraction of the patch (default 0.5)")
+    parser.add_argument("--no-postprocessing", action="store_true", help="skip the organ-wise post-processing")
+
+
+def settings_from(args: argparse.Namespace, config: dict, source: str) -> Settings:
+    """Merge the container config (read from ``source``) with the command line.
+
+    Raises:
+        InputError: a missing or invalid config entry or option (names the config file).
+    """
+    sockets = Sockets.of(config, source)
+    try:
+        settings = Settings(
+            sockets=sockets,
+            models=tuple(args.models or config["models"]),
+            folds=tuple(int(f) for f in (args.folds if args.folds is not None else config["folds"])),
+            checkpoint=str(config.get("checkpoint", nnunet_v1.CHECKPOINT)),
+            step_size=float(args.step_size if args.step_size is not None else config["step_size"]),
+            mirror_axes=() if args.no_tta else tuple(int(a) for a in config["mirror_axes"]),
+            tile_batch_size=int(config.get("tile_batch_size", 1)),
+            postprocessing=None if args.no_postprocessing else config["postprocessing"],
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(f"{source}: invalid AMOS configuration (missing or malformed entry {error})") from None
+    if len(settings.sockets.inputs) != 1:
+        raise InputError(f"{source}: the AMOS pipelines take exactly one input socket, got {settings.sockets.inputs}")
+    if not 0 < settings.step_size <= 1:
+        raise InputError(f"{source}: step size must be in (0, 1], got {settings.step_size}")
+    if settings.tile_batch_size < 1:
+        raise InputError(f"{source}: tile_batch_size must be at least 1, got {settings.tile_batch_size}")
+    if settings.postprocessing is not None:
+        try:
+            parse_table(settings.postprocessing)
+        except ValueError as error:
+            raise InputError(f"{source}: {error}") from None
+    return settings
+
+
+def load_configurations(model_dir: Path, settings: Settings) -> list[nnunet_v1.Configuration]:
+    """Restore the selected configurations and folds once per run.
+
+    Raises:
+        InputError: anything missing in ``model_dir`` (named), or configurations disagreeing on the classes.
+    """
+    configurations = nnunet_v1.restore(model_dir, settings.models, settings.folds, settings.checkpoint)
+    classes = {c.name: c.num_classes for c in configurations}
+    if len(set(classes.values())) != 1:
+        raise InputError(f"{model_dir}: the configurations predict different numbers of classes: {classes}")
+    if max(classes.values()) > 256:
+        raise InputError(f"{model_dir}: {max(classes.values())} classes do not fit a uint8 label map")
+    return configurations
+
+
+def ensemble_probabilities(
+    cropped: nnunet_v1.Cropped, pipeline: AmosPipeline, plan: Plan, stages: StageLog
+) -> torch.Tensor:
+    """Each configuration's mean softmax over folds and mirrors, on the crop, accumulated (:func:`accumulate`).
+
+    The tiling accumulates in ``plan``'s tiling dtype on ``plan.tiling_device``; the ensemble is
+    ``plan.choice.ensemble_dtype`` on ``plan.ensemble_device``.
+
+    Returns:
+        ``(K, z, y, x)`` on ``plan.ensemble_device``, the crop's shape (``size_after_cropping``): float32 sums or a
+        float16 mean (:func:`ensemble_mean` gives the mean of either).
+    """
+    device, settings, choice = pipeline.device, pipeline.settings, plan.choice
+    first, count = pipeline.configurations[0], len(pipeline.configurations)
+    total = torch.zeros((first.num_classes, *cropped.shape), dtype=choice.ensemble_dtype, device=plan.ensemble_device)
+    for configuration in pipeline.configurations:
+        with stages.stage("preprocess"):
+            image = torch.from_numpy(configuration.preprocess(cropped).data).to(device)
+        with stages.stage("predict"), configuration.networks_on(device) as networks:
+            probabilities = predict_tiled(
+                image,
+                networks,
+                configuration.patch_size,
+                mode="nnunet",
+                step_size=settings.step_size,
+                mirror_axes=settings.mirror_axes,
+                gaussian=True,
+                tile_batch_size=choice.tile_batch_size,
+                autocast_dtype=autocast_dtype_for(device),
+                accumulate_dtype=choice.tiling_dtype,
+                result_dtype=choice.tiling_dtype,
+                result_device=plan.tiling_device,
+                progress=False,
+            )
+        del image
+        with stages.stage("resample"):
+            size = [cropped.shape[axis] for axis in configuration.transpose_forward]
+            channels = resize_channels_trilinear(probabilities, size)
+            for accumulator, channel in zip(total, channels):
+                accumulate(accumulator, channel.permute(configuration.transpose_backward), count)
+        del probabilities, channels
+    return total
+
+
+def postprocess(labels: torch.Tensor, spacing_zyx: Sequence[float], table: dict) -> np.ndarray:
+    """Organ-wise post-processing where the labels are: cupy on CUDA (zero-copy, when installed), else numpy.
+
+    Returns:
+        ``(z, y, x)`` uint8 numpy array.
+    """
+    if labels.device.type == "cuda" and importlib.util.find_spec("cupy") is not None:
+        import cupy
+
+        array = cupy.from_dlpack(labels)
+    else:
+        array = labels.cpu().numpy()
+    result = postprocess_organs(array, spacing_zyx, table)
+    return backend_for(result).to_numpy(result)
+
+
+def plan_memory(path: Path, image: np.ndarray, geometry: Geometry, pipeline: AmosPipeline) -> Plan:
+    """Where and in which dtype the accumulators of the case read from ``path`` fit, before any prediction work.
+
+    Raises:
+        MemoryPlanError: the case fits no choice (the message names ``path``).
+    """
+    settings = pipeline.settings
+    case = AmosCase.of(
+        image.shape,
+        image.itemsize,
+        geometry.spacing_zyx,
+        pipeline.configurations,
+        pipeline.network_costs,
+        bool(settings.mirror_axes),
+        pipeline.device,
+    )
+    budget = Budget.detect(pipeline.device, held_bytes=image.nbytes)
+    return plan_amos(str(path), case, settings.tile_batch_size, budget, pipeline.device)
+
+
+def predict_case(case: Case, pipeline: AmosPipeline, stages: StageLog) -> None:
+    """Segment one case and write its label map (uint8, the input's geometry); nothing else is written."""
+    (path,) = case.inputs.values()
+    with stages.stage("read"):
+        image, geometry = read_image(path)
+    plan = plan_memory(path, image, geometry, pipeline)
+    log.info(plan.line())
+    if not image.any():
+        raise InputError(f"{path}: every voxel is 0; nnU-Net's non-zero crop would be empty")
+    with stages.stage("crop"):
+        cropped = nnunet_v1.crop(image[None], geometry)
+    del image
+    probabilities = ensemble_probabilities(cropped, pipeline, plan, stages)
+    with stages.stage("argmax"):
+        labels = labels_in_image(probabilities, len(pipeline.configurations), cropped, geometry)
+    del probabilities
+    table = pipeline.settings.postprocessing
+    with stages.stage("postprocess"):
+        result = postprocess(labels, geometry.spacing_zyx, table) if table else labels.cpu().numpy()
+    with stages.stage("write"):
+        write_label_map(case.output, result, geometry)
+
+
+@dataclass(frozen=True)
+class AmosPipeline:
+    """A restored AMOS ensemble (:class:`gcinfer.pipelines.Pipeline`): the configurations with their fold networks,
+    the settings, the device and each configuration's network memory (for the memory plan)."""
+
+    configurations: list[nnunet_v1.Configuration]
+    settings: Settings
+    device: torch.device
+    network_costs: tuple[NetworkCost, ...]
+
+    @property
+    def sockets(self) -> Sockets:
+        return self.settings.sockets
+
+    def describe(self) -> str:
+        s = self.settings
+        return (
+            f"configurations {', '.join(s.models)}, folds {list(s.folds)}, step {s.step_size:.2f}, "
+            f"mirror axes {list(s.mirror_axes)}, post-processing {'on' if s.postprocessing else 'off'}, "
+            f"device {self.device}"
+        )
+
+    def predict_case(self, case: Case, stages: StageLog) -> None:
+        predict_case(case, self, stages)
+
+    def finish(self, output_dir: Path, succeeded: bool) -> None:
+        """Nothing: an AMOS run writes only the label maps."""
+
+
+def load(args: argparse.Namespace, config: dict, source: str) -> AmosPipeline:
+    """Settings from ``config`` (read from ``source``) and the command line, configurations restored once.
+
+    Raises:
+        InputError: a bad configuration or model folder (named).
+    """
+    settings = settings_from(args, config, source)
+    if args.device.type == "cuda" and settings.postprocessing and importlib.util.find_spec("cupy") is None:
+        log.warning("cupy is not installed: the post-processing runs on the CPU")
+    configurations = load_configurations(args.model, settings)
+    costs = tuple(amos_network_costs(configurations, args.device))
+    return AmosPipeline(configurations, settings, args.device, costs)
