@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make container-test`: build the three images from their Dockerfiles, run them with Grand Challenge's flags
-# (./test.sh, and ./test_autopet.sh on a generated 3-study dataset), export them, and check that every archive loads. Works on a Docker host and on a host without one (Debian:
-# podman, set up by containers/setup-podman.sh, with a CPU stand-in for the base image, which cannot be pulled).
+# (./test.sh, and ./test_autopet.sh on a generated 3-study dataset with a Dice target), export them, and check that
+# every archive loads. Works on a Docker host and on a host without one (Debian: podman, set up by
+# containers/setup-podman.sh, with a CPU stand-in for the base image, which cannot be pulled).
 #
 # Usage: containers/container-test.sh [--fixtures DIR]     (the fixtures are made by `make fixtures`)
 # Prints the time of every phase. A phase stops at its first failing command; the cycle then stops, prints the
@@ -19,6 +20,7 @@ STAND_IN=0
 START=$SECONDS
 PHASE=
 PHASE_START=0
+PHASE_COMMAND=()
 FAILED_AT=
 
 # phase TITLE COMMAND...: run and time one phase in this shell, so that its exports reach the later phases.
@@ -27,13 +29,14 @@ FAILED_AT=
 phase() {
     PHASE=$1 PHASE_START=$SECONDS
     shift
+    PHASE_COMMAND=("$@")
     log "== $PHASE"
     "$@"
     TIMES+=("$(printf '%-34s %5ss  ok' "$PHASE" "$((SECONDS - PHASE_START))")")
     PHASE=
 }
 
-# ERR trap (inherited by functions: set -E): the command that failed
+# ERR trap (inherited by functions: set -E): the command that failed; a phase's own command when it failed as a whole
 trap 'FAILED_AT="${BASH_SOURCE[0]##*/} line $LINENO: $BASH_COMMAND"' ERR
 
 # EXIT trap: a phase that did not finish failed; report it with the times so far
@@ -41,6 +44,7 @@ on_exit() {
     local code=$?
     [[ -n $PHASE ]] || return 0
     [[ $code -ne 0 ]] || code=1
+    [[ $FAILED_AT != *': "$@"' ]] || FAILED_AT="${PHASE_COMMAND[*]#"$ROOT"/}"
     TIMES+=("$(printf '%-34s %5ss  FAILED (exit %s%s)' "$PHASE" "$((SECONDS - PHASE_START))" "$code" "${FAILED_AT:+, $FAILED_AT}")")
     report
     exit "$code"

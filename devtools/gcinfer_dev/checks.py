@@ -13,7 +13,8 @@ Used by ``test.sh`` and ``test_autopet.sh`` as ``python -m gcinfer_dev.checks <c
 - ``autopet-dataset``: write an AutoPET NIfTI dataset (``<patient>/<study>/SUV.nii.gz, CTres.nii.gz,
   SEG.nii.gz``) of fixture PET/CT phantoms;
 - ``autopet-stage``: split an AutoPET dataset into one Grand Challenge input folder per study;
-- ``autopet-score``: the challenge metrics of every study's output (:mod:`gcinfer_dev.metrics`), a CSV and a summary.
+- ``autopet-score``: the challenge metrics of every study's output (:mod:`gcinfer_dev.metrics`), a CSV, a summary
+  and, with ``--min-dice``, the mean Dice checked against a target.
 """
 
 from __future__ import annotations
