@@ -9,7 +9,7 @@
 # `ARG BASE_IMAGE` default, so `./build.sh` builds them unchanged and without a pull. Nothing is done
 # when an image of that name exists already (unless --force). Uses `docker`, which
 # containers/setup-podman.sh points at podman on hosts without a Docker engine.
-# Environment: DEBIAN_MIRROR (default: the first Debian release archive of this machine's own apt sources,
+# Environment: DEBIAN_MIRROR (default: the first Debian archive of a Debian release in this machine's own apt sources,
 # GCINFER_APT_DIR/sources.list.d/*.sources, sources.list and sources.list.d/*.list; GCINFER_APT_DIR defaults to
 # /etc/apt), TORCH_VERSION, GCINFER_PODMAN_DIR (the work folder's parent, see setup-podman.sh).
 set -euo pipefail
@@ -18,6 +18,9 @@ source "$(dirname "$0")/common.sh"
 
 TORCH=${TORCH_VERSION:-2.13.0}
 APT_DIR=${GCINFER_APT_DIR:-/etc/apt}
+# a Debian release suite: an entry naming one is a Debian archive, which holds bookworm too (not -updates, -security,
+# nor a third-party repository's own suite)
+DEBIAN_SUITES='^(bullseye|bookworm|trixie|forky|sid|oldoldstable|oldstable|stable|testing|unstable)$'
 
 default_base_image() {
     local names
@@ -35,12 +38,12 @@ qualified() {
     printf 'docker.io/%s\n' "$name"
 }
 
-# the URIs of the `deb` entries of a release suite (no -updates, -security or /updates) in apt's deb822 files
+# the URIs of the `deb` entries of a Debian release suite in apt's deb822 files
 deb822_mirrors() {
-    awk '
+    awk -v suite="$DEBIAN_SUITES" '
         function release(suites, n, names, i) {
             n = split(suites, names, " ")
-            for (i = 1; i <= n; i++) if (names[i] !~ /[-\/]/) return 1
+            for (i = 1; i <= n; i++) if (names[i] ~ suite) return 1
             return 0
         }
         function flush() {
@@ -61,7 +64,7 @@ deb822_mirrors() {
 
 # the same from one-line `deb [OPTIONS] URI SUITE COMPONENT...` files
 one_line_mirrors() {
-    awk '$1 == "deb" { sub(/\[[^]]*\][[:space:]]*/, ""); if ($3 !~ /[-\/]/) print $2 }' "$@"
+    awk -v suite="$DEBIAN_SUITES" '$1 == "deb" { sub(/\[[^]]*\][[:space:]]*/, ""); if ($3 ~ suite) print $2 }' "$@"
 }
 
 # sets MIRROR: DEBIAN_MIRROR, else the first Debian release archive of this machine's apt sources, else an error

@@ -322,6 +322,8 @@ APT_SOURCES = {
     "deb822": (
         "sources.list.d/debian.sources",
         "Types: deb\nURIs: http://security.mirror.test/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nURIs: http://third-party.mirror.test/repo\nSuites: bookworm-stable\nEnabled: yes\n\n"
+        "Types: deb\nURIs: http://disabled.mirror.test/debian\nSuites: bookworm\nEnabled: no\n\n"
         "Types: deb-src\nURIs: http://src.mirror.test/debian\nSuites: bookworm\n\n"
         "Types: deb\n# a comment\nURIs: http://archive.mirror.test/debian\nSuites: bookworm bookworm-updates\n"
         "Components: main\n",
@@ -329,6 +331,7 @@ APT_SOURCES = {
     "one-line": (
         "sources.list",
         "# deb http://commented.mirror.test/debian bookworm main\n"
+        "deb http://third-party.mirror.test/repo nodistro main\n"
         "deb http://security.mirror.test/debian-security bookworm-security main\n"
         "deb [arch=amd64 signed-by=/usr/share/keyrings/k.gpg] http://archive.mirror.test/debian bookworm main\n",
     ),
