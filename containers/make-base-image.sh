@@ -30,14 +30,6 @@ default_base_image() {
     printf '%s\n' "$names"
 }
 
-qualified() {
-    # docker.io/ for a Docker Hub short name, so that podman stores the name FROM resolves to
-    local name=$1 first=${1%%/*}
-    [[ $name == */* && ( $first == *.* || $first == *:* || $first == localhost ) ]] && { printf '%s\n' "$name"; return; }
-    [[ $name == */* ]] || name=library/$name
-    printf 'docker.io/%s\n' "$name"
-}
-
 # the URIs of the `deb` entries of a Debian release suite in apt's deb822 files
 deb822_mirrors() {
     awk -v suite="$DEBIAN_SUITES" '
@@ -124,13 +116,13 @@ CONTAINERFILE
 }
 
 main() {
-    local force=0 name tag
+    local force=0 tag
     [[ ${1:-} == --force ]] && force=1
     docker info >/dev/null 2>&1 || die "no container engine answers: run eval \"\$(containers/setup-podman.sh)\" first"
-    name=$(default_base_image)
-    tag=$(qualified "$name")
+    # the Dockerfiles' very name, unqualified: podman stores it as localhost/<name>, where FROM finds it locally
+    tag=$(default_base_image)
     if [[ $force -eq 0 ]] && docker image inspect "$tag" >/dev/null 2>&1; then
-        log "$name exists: nothing to do"
+        log "$tag exists: nothing to do"
         return 0
     fi
     find_mirror

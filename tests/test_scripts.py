@@ -376,10 +376,11 @@ def test_make_base_image_takes_the_mirror_from_the_apt_sources(tmp_path: Path, l
 
 
 def test_no_mirror_or_registry_host_in_the_repository() -> None:
-    """Debian mirrors and package indexes come from the machine's configuration, never from the repository."""
+    """Debian mirrors, package indexes and registries come from the machine's configuration, never from the
+    repository."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPOSITORY, capture_output=True, text=True, check=True)
     pattern = re.compile(
-        r"deb\.debian\.org|security\.debian\.org|ftp\.[a-z]+\.debian\.org|pypi\.org|files\.pythonhosted"
+        r"deb\.debian\.org|security\.debian\.org|ftp\.[a-z]+\.debian\.org|pypi\.org|files\.pythonhosted|docker\.io"
     )
     hits = [
         name
