@@ -6,6 +6,9 @@
 #   dist/<name>-model.tar.gz   the contents of DIR/<name>/model/ (Algorithm > Models > upload; Grand Challenge
 #                              extracts it to /opt/ml/model). DIR defaults to docker/, i.e. docker/<name>/model/;
 #                              without that folder no model tarball is written (weights baked in, or none yet).
+#                              Links (symbolic or hard) are stored as what they point to (a dangling one is an
+#                              error); every entry is owned by 0:0 and readable by all (files 0644, or 0755 when
+#                              executable; folders 0755), so that the image's non-root user can read the weights.
 # Build flags (from the first unknown argument starting with '-') go to ./build.sh.
 set -euo pipefail
 # shellcheck source=containers/common.sh
@@ -18,8 +21,16 @@ save_image() {
     log "saving $tag -> ${archive#"$ROOT"/}"
     local gzip=(gzip -1)
     command -v pigz >/dev/null && gzip=(pigz -1)
+    rm -f -- "$archive.part"
     "$ENGINE" save "$tag" | "${gzip[@]}" >"$archive.part"
     mv "$archive.part" "$archive"
+}
+
+# check_links FOLDER: every symbolic link under FOLDER (hidden entries aside) leads to a file or folder, no loop
+check_links() {
+    local problems
+    problems=$(find -L "$1" -name '.?*' -prune -o -type l -print 2>&1) && [[ -z $problems ]] && return 0
+    die "$1: symbolic link(s) that cannot be stored as what they point to (dangling, or a loop): ${problems//$'\n'/; }"
 }
 
 save_model() {
@@ -28,8 +39,12 @@ save_model() {
         log "no model folder $folder: ${archive#"$ROOT"/} not written"
         return 0
     fi
+    check_links "$folder"
     log "packing $folder -> ${archive#"$ROOT"/}"
-    tar --create --gzip --owner=0 --group=0 --numeric-owner --no-wildcards-match-slash --exclude='.?*' --file "$archive.part" -C "$folder" .
+    rm -f -- "$archive.part"
+    tar --create --gzip --dereference --hard-dereference --owner=0 --group=0 --numeric-owner --mode=u=rwX,go=rX \
+        --no-wildcards-match-slash --exclude='.?*' --file "$archive.part" -C "$folder" . \
+        || { rm -f -- "$archive.part"; die "cannot pack $folder"; }
     mv "$archive.part" "$archive"
 }
 

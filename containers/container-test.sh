@@ -1,43 +1,73 @@
 #!/usr/bin/env bash
 # `make container-test`: build the three images from their Dockerfiles, run them with Grand Challenge's flags
-# (./test.sh, and ./test_autopet.sh on a generated 3-study dataset), export them, and check that every archive loads. Works on a Docker host and on a host without one (Debian:
-# podman, set up by containers/setup-podman.sh, with a CPU stand-in for the base image, which cannot be pulled).
+# (./test.sh, and ./test_autopet.sh on a generated 3-study dataset with a Dice target), export them, and check that
+# every archive loads. Works on a Docker host and on a host without one (Debian: podman, set up by
+# containers/setup-podman.sh, with a CPU stand-in for the base image, which cannot be pulled).
 #
 # Usage: containers/container-test.sh [--fixtures DIR]     (the fixtures are made by `make fixtures`)
-# Prints the time of every phase. Environment: GCINFER_PODMAN_DIR (podman's state, see setup-podman.sh).
-set -euo pipefail
+# Prints the time of every phase. A phase stops at its first failing command; the cycle then stops, prints the
+# times so far with that phase FAILED and the failing command, and exits non-zero.
+# Environment: GCINFER_PODMAN_DIR (podman's state, see setup-podman.sh).
+set -Eeuo pipefail
+shopt -s inherit_errexit
 # shellcheck source=containers/common.sh
 source "$(dirname "$0")/common.sh"
 
 FIXTURES=${GCINFER_FIXTURES:-$ROOT/.cache/fixtures}
+AUTOPET_MIN_DICE=0.7  # the demo's lesion target, as ./test.sh checks it
 TIMES=()
 STAND_IN=0
 START=$SECONDS
+PHASE=
+PHASE_START=0
+PHASE_COMMAND=()
+FAILED_AT=
 
-# phase TITLE COMMAND...: run and time one phase; on failure print the times so far and stop
+# phase TITLE COMMAND...: run and time one phase in this shell, so that its exports reach the later phases.
+# Never call it in a condition (`if`, `||`, `&&`): bash suspends set -e there, and a phase would run on after a
+# failure. Under set -e here, a failing command ends the script, and on_exit reports the phase.
 phase() {
-    local title=$1 start=$SECONDS code=0
+    PHASE=$1 PHASE_START=$SECONDS
     shift
-    log "== $title"
-    "$@" || code=$?
-    TIMES+=("$(printf '%-34s %5ss  %s' "$title" "$((SECONDS - start))" "$([[ $code -eq 0 ]] && echo ok || echo "FAILED ($code)")")")
-    [[ $code -eq 0 ]] && return 0
+    PHASE_COMMAND=("$@")
+    log "== $PHASE"
+    "$@"
+    TIMES+=("$(printf '%-34s %5ss  ok' "$PHASE" "$((SECONDS - PHASE_START))")")
+    PHASE=
+}
+
+# ERR trap (inherited by functions: set -E): the command that failed; a phase's own command when it failed as a whole
+trap 'FAILED_AT="${BASH_SOURCE[0]##*/} line $LINENO: $BASH_COMMAND"' ERR
+
+# EXIT trap: a phase that did not finish failed; report it with the times so far
+on_exit() {
+    local code=$?
+    [[ -n $PHASE ]] || return 0
+    [[ $code -ne 0 ]] || code=1
+    [[ $FAILED_AT != *': "$@"' ]] || FAILED_AT="${PHASE_COMMAND[*]#"$ROOT"/}"
+    TIMES+=("$(printf '%-34s %5ss  FAILED (exit %s%s)' "$PHASE" "$((SECONDS - PHASE_START))" "$code" "${FAILED_AT:+, $FAILED_AT}")")
     report
     exit "$code"
 }
+trap on_exit EXIT
 
 report() {
+    local folders=("$ROOT")
+    [[ $STAND_IN -eq 0 ]] || folders+=("$PODMAN_DIR")
     printf '\n'
     printf '%s\n' "${TIMES[@]}"
     printf '%-34s %5ss\n' "container-test total" "$((SECONDS - START))"
-    df -h "${GCINFER_PODMAN_DIR:-/var/tmp/gcinfer-podman}" "$ROOT" | sed 's/^/  /'
+    df -h "${folders[@]}" | sed 's/^/  /' || true
 }
 
 setup_engine() {
     local environment
     environment=$("$ROOT/containers/setup-podman.sh")
     eval "$environment"
-    [[ $environment == *CONTAINERS_CONF* ]] && STAND_IN=1
+    if [[ $environment == *CONTAINERS_CONF* ]]; then
+        STAND_IN=1
+        check_podman_dir
+    fi
     # a TLS-re-signing proxy: pip in the build trusts the host's CA bundle (./build.sh passes it as a secret)
     if [[ -z ${PIP_CERT:-} && -s /etc/ssl/certs/ca-certificates.crt ]]; then
         export PIP_CERT=/etc/ssl/certs/ca-certificates.crt
@@ -49,7 +79,8 @@ test_autopet() {
     local dataset=$ROOT/.cache/autopet-dataset
     rm -rf "$dataset"
     "$PY" -m gcinfer_dev.checks autopet-dataset "$dataset" --studies 3 --seed 0 >/dev/null
-    "$ROOT/test_autopet.sh" "$dataset" --no-build --jobs 2 --model "$FIXTURES/autopet2/model"
+    "$ROOT/test_autopet.sh" "$dataset" --no-build --jobs 2 --model "$FIXTURES/autopet2/model" \
+        --min-dice "$AUTOPET_MIN_DICE"
 }
 
 # every dist/<tag>.tar.gz loads and yields the image that was built; every model tarball lists its files
@@ -60,7 +91,8 @@ check_archives() {
     for name in "${NAMES[@]}"; do
         tag=$(tag_of "$name")
         built=$(docker image inspect --format '{{.Id}}' "$tag")
-        "${UNZIP[@]}" "$ROOT/dist/$tag.tar.gz" | docker load >"$ROOT/dist/.load.log" 2>&1 \
+        new_log "$ROOT/dist/.load.log"
+        "${UNZIP[@]}" "$ROOT/dist/$tag.tar.gz" | docker load >>"$ROOT/dist/.load.log" 2>&1 \
             || { cat "$ROOT/dist/.load.log" >&2; die "dist/$tag.tar.gz does not load"; }
         loaded=$(docker image inspect --format '{{.Id}}' "$tag")
         [[ $loaded == "$built" ]] || die "dist/$tag.tar.gz loads as $loaded, not the built image $built"
@@ -80,13 +112,13 @@ main() {
     phase "engine set-up" setup_engine
     # podman here means no Docker engine and, on these machines, no registry: a CPU stand-in for the base image;
     # a Docker host pulls the real base image in the build
-    [[ $STAND_IN -eq 0 ]] || phase "stand-in base image" "$ROOT/containers/make-base-image.sh"
+    if [[ $STAND_IN -eq 1 ]]; then phase "stand-in base image" "$ROOT/containers/make-base-image.sh"; fi
     phase "./build.sh" "$ROOT/build.sh"
     phase "./test.sh --no-build" "$ROOT/test.sh" --no-build --fixtures "$FIXTURES"
     phase "./test_autopet.sh (3 studies)" test_autopet
     phase "./export.sh --no-build" "$ROOT/export.sh" --no-build --models "$FIXTURES"
     phase "archives load" check_archives
-    docker image prune --force >/dev/null
+    docker image prune --force >/dev/null || log "could not remove the dangling images"
     report
 }
 

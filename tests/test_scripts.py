@@ -68,7 +68,9 @@ def _fake_engine(folder: Path, name: str, answers: bool) -> Path:
 
 
 def _restricted_path(folder: Path, tools: tuple[str, ...]) -> str:
-    """A PATH holding only ``folder`` with links to ``tools`` (so no real docker or podman is found)."""
+    """A PATH holding only ``folder`` (made when missing) with links to ``tools`` (so no real docker or podman is
+    found)."""
+    folder.mkdir(exist_ok=True)
     for tool in tools:
         (folder / tool).symlink_to(shutil.which(tool))
     return str(folder)
@@ -176,6 +178,233 @@ def test_export_writes_image_archive_and_model_tarball(tmp_path: Path) -> None:
         assert sorted(archive.getnames()) == [".", "./0.pt"]
         assert archive.extractfile("./0.pt").read() == b"weights"
     assert f"no model folder {models}/amos_task1/model" in result.stderr
+
+
+def test_export_stores_linked_and_private_weights_as_readable_files(tmp_path: Path) -> None:
+    """Weights that are symbolic links (relative, absolute, a linked folder) or mode 0600 are stored as regular
+    files and folders owned by 0:0 and readable by all: the image's non-root user reads them after extraction."""
+    engine_dir, models, dist, store = tmp_path / "bin", tmp_path / "models", tmp_path / "dist", tmp_path / "store"
+    engine_dir.mkdir()
+    _fake_engine(engine_dir, "docker", answers=True)
+    model = models / "autopet2" / "model"
+    (store / "folds").mkdir(parents=True)
+    model.mkdir(parents=True)
+    (store / "0.pt").write_bytes(b"fold 0")
+    (store / "folds" / "1.pt").write_bytes(b"fold 1")
+    (model / "model.json").write_text("{}")
+    (model / "model.json").chmod(0o600)
+    (model / "0.pt").symlink_to(store / "0.pt")
+    (model / "1.pt").symlink_to(Path("..", "..", "..", "store", "folds", "1.pt"))
+    (model / "more").symlink_to(store / "folds")
+    env = {"PATH": f"{engine_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "DIST": str(dist)}
+    result = _run("export.sh", "autopet2", "--no-build", "--models", str(models), env=env)
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(dist / "autopet2-model.tar.gz") as archive:
+        members = {m.name: m for m in archive.getmembers()}
+        modes = {name: (m.type, oct(m.mode), m.uid, m.gid) for name, m in members.items()}
+        assert modes == {
+            ".": (tarfile.DIRTYPE, "0o755", 0, 0),
+            "./0.pt": (tarfile.REGTYPE, "0o644", 0, 0),
+            "./1.pt": (tarfile.REGTYPE, "0o644", 0, 0),
+            "./model.json": (tarfile.REGTYPE, "0o644", 0, 0),
+            "./more": (tarfile.DIRTYPE, "0o755", 0, 0),
+            "./more/1.pt": (tarfile.REGTYPE, "0o644", 0, 0),
+        }
+        assert archive.extractfile("./1.pt").read() == b"fold 1"
+        assert archive.extractfile("./0.pt").read() == b"fold 0"
+
+
+def test_export_refuses_a_dangling_weight_link(tmp_path: Path) -> None:
+    engine_dir, models, dist = tmp_path / "bin", tmp_path / "models", tmp_path / "dist"
+    engine_dir.mkdir()
+    _fake_engine(engine_dir, "docker", answers=True)
+    model = models / "autopet2" / "model"
+    model.mkdir(parents=True)
+    (model / "0.pt").symlink_to(tmp_path / "gone.pt")
+    env = {"PATH": f"{engine_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "DIST": str(dist)}
+    result = _run("export.sh", "autopet2", "--no-build", "--models", str(models), env=env)
+    assert result.returncode == 1
+    assert (
+        f"error: {model}: symbolic link(s) that cannot be stored as what they point to (dangling, or a loop): "
+        f"{model / '0.pt'}" in result.stderr
+    )
+    assert sorted(p.name for p in dist.iterdir()) == ["gc-autopet2.tar.gz"], "no model tarball, no .part"
+
+
+def _podman_state(tmp_path: Path) -> Path:
+    """A podman state folder as containers/setup-podman.sh writes it (mode 0700, files 0644, wrapper 0755)."""
+    state = tmp_path / "podman-state"
+    (state / "bin").mkdir(parents=True)
+    for name in ("containers.conf", "storage.conf"):
+        (state / name).write_text("")
+    (state / "bin" / "docker").write_text("#!/bin/sh\n")
+    (state / "bin" / "docker").chmod(0o755)
+    state.chmod(0o700)
+    return state
+
+
+def _other_owner(path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    os.chown(path, 4321, 4321)
+
+
+STATE_PROBLEMS = {
+    "world-writable folder": (lambda s: s.chmod(0o777), "{s}: writable by group or others (drwxrwxrwx)"),
+    "group-writable configuration": (
+        lambda s: (s / "containers.conf").chmod(0o664),
+        "{s}/containers.conf: writable by group or others (-rw-rw-r--)",
+    ),
+    "folder of another user": (_other_owner, "{s}: owned by uid 4321, not by you (uid {uid})"),
+    "wrapper of another user": (lambda s: _other_owner(s / "bin" / "docker"), "{s}/bin/docker: owned by uid 4321"),
+    "linked wrapper": (
+        lambda s: ((s / "bin" / "docker").unlink(), (s / "bin" / "docker").symlink_to("/bin/true")),
+        "{s}/bin/docker: a symbolic link; refusing to use it",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", STATE_PROBLEMS)
+def test_podman_state_of_another_user_or_writable_by_others_is_refused(tmp_path: Path, problem: str) -> None:
+    """select_engine (build.sh, test.sh, ...) would export its containers.conf; setup-podman.sh would put its
+    `docker` first on PATH: both refuse the state before using it."""
+    state = _podman_state(tmp_path)
+    spoil, message = STATE_PROBLEMS[problem]
+    spoil(state)
+    expected = message.format(s=state, uid=os.geteuid())
+    _fake_engine(tmp_path, "docker", answers=False)
+    _fake_engine(tmp_path, "podman", answers=True)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable, "GCINFER_PODMAN_DIR": str(state)}
+    build = _run("build.sh", "autopet2", env=env)
+    assert build.returncode == 1 and expected in build.stderr, build.stderr
+    assert "build" not in (tmp_path / "calls.log").read_text()
+    tools = _restricted_path(tmp_path / "tools", ("bash", "dirname", "basename", "find", "id", "mkdir", "rm", "grep"))
+    setup = _run("containers/setup-podman.sh", env={**env, "PATH": f"{tmp_path}:{tools}"})
+    assert setup.returncode == 1 and expected in setup.stderr, setup.stderr
+    assert setup.stdout == "" and not (state / "apt.log").exists()
+
+
+def test_setup_podman_keeps_its_state_per_user_and_private(tmp_path: Path) -> None:
+    """Without GCINFER_PODMAN_DIR the state goes to $XDG_STATE_HOME (else ~/.local/state)/gcinfer-podman, made
+    mode 0700; the printed environment puts its wrapper first on PATH, which runs podman with that configuration."""
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    _fake_engine(fakes, "docker", answers=False)
+    podman = _fake_engine(fakes, "podman", answers=True)
+    podman.write_text(podman.read_text().replace('echo "podman $*"', 'echo "podman $CONTAINERS_CONF $*"'))
+    (fakes / "dpkg-query").write_text("#!/bin/sh\nprintf 'install ok installed'\n")
+    (fakes / "dpkg-query").chmod(0o755)
+    home = tmp_path / "home dir"
+    home.mkdir()
+    env = {"PATH": f"{fakes}:{os.environ['PATH']}", "PYTHON": sys.executable, "HOME": str(home)}
+    result = _run("containers/setup-podman.sh", env=env)
+    assert result.returncode == 0, result.stderr
+    state = home / ".local" / "state" / "gcinfer-podman"
+    assert oct(state.stat().st_mode & 0o777) == "0o700"
+    assert oct((state / "bin" / "docker").stat().st_mode & 0o777) == "0o755"
+    printed = subprocess.run(
+        ["bash", "-c", f'{result.stdout}\ndocker version; printf "%s" "$CONTAINERS_STORAGE_CONF"'],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert printed.stdout == str(state / "storage.conf")
+    assert (fakes / "calls.log").read_text().splitlines()[-1] == f"podman {state}/containers.conf version"
+
+
+def _fake_command(folder: Path, name: str, code: int) -> None:
+    """An executable ``name`` in ``folder`` that logs its arguments to ``folder/calls.log`` and exits ``code``."""
+    (folder / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{folder}/calls.log"\nexit {code}\n')
+    (folder / name).chmod(0o755)
+
+
+APT_SOURCES = {
+    "deb822": (
+        "sources.list.d/debian.sources",
+        "Types: deb\nURIs: http://security.mirror.test/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nURIs: http://third-party.mirror.test/repo\nSuites: bookworm-stable\nEnabled: yes\n\n"
+        "Types: deb\nURIs: http://disabled.mirror.test/debian\nSuites: bookworm\nEnabled: no\n\n"
+        "Types: deb-src\nURIs: http://src.mirror.test/debian\nSuites: bookworm\n\n"
+        "Types: deb\n# a comment\nURIs: http://archive.mirror.test/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n",
+    ),
+    "one-line": (
+        "sources.list",
+        "# deb http://commented.mirror.test/debian bookworm main\n"
+        "deb http://third-party.mirror.test/repo nodistro main\n"
+        "deb http://security.mirror.test/debian-security bookworm-security main\n"
+        "deb [arch=amd64 signed-by=/usr/share/keyrings/k.gpg] http://archive.mirror.test/debian bookworm main\n",
+    ),
+    "none": ("sources.list", "deb-src http://src.mirror.test/debian bookworm main\n"),
+}
+
+
+@pytest.mark.parametrize("layout", APT_SOURCES)
+def test_make_base_image_takes_the_mirror_from_the_apt_sources(tmp_path: Path, layout: str) -> None:
+    """The stand-in's debootstrap uses this machine's own Debian archive (its release suite, not -security), and
+    none is an error before any work: the repository names no mirror."""
+    fakes, apt = tmp_path / "fakes", tmp_path / "apt"
+    fakes.mkdir()
+    fakes.joinpath("docker").write_text(
+        f'#!/bin/sh\necho "docker $*" >> "{fakes}/calls.log"\n[ "$1" = info ] && exit 0\nexit 1\n'
+    )
+    fakes.joinpath("docker").chmod(0o755)
+    _fake_command(fakes, "debootstrap", 1)
+    relative, text = APT_SOURCES[layout]
+    (apt / relative).parent.mkdir(parents=True, exist_ok=True)
+    (apt / relative).write_text(text)
+    env = {
+        "PATH": f"{fakes}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "GCINFER_APT_DIR": str(apt),
+        "GCINFER_PODMAN_DIR": str(tmp_path / "state"),
+    }
+    result = _run("containers/make-base-image.sh", env=env)
+    assert result.returncode == 1
+    calls = (fakes / "calls.log").read_text()
+    if layout == "none":
+        assert (
+            f"error: no Debian archive in this machine's apt sources ({apt}/sources.list.d/*.sources, "
+            f"{apt}/sources.list): set DEBIAN_MIRROR to a Debian mirror's URL" in result.stderr
+        )
+        assert "debootstrap" not in calls
+    else:
+        rootfs = tmp_path / "state" / "base-image" / "rootfs"
+        expected = f"debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm {rootfs} "
+        assert calls.splitlines()[-1] == expected + "http://archive.mirror.test/debian"
+        assert "debootstrap failed" in result.stderr
+
+
+def test_no_mirror_or_registry_host_in_the_repository() -> None:
+    """Debian mirrors, package indexes and registries come from the machine's configuration, never from the
+    repository."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPOSITORY, capture_output=True, text=True, check=True)
+    pattern = re.compile(
+        r"deb\.debian\.org|security\.debian\.org|ftp\.[a-z]+\.debian\.org|pypi\.org|files\.pythonhosted|docker\.io"
+    )
+    hits = [
+        name
+        for name in tracked.stdout.splitlines()
+        if (REPOSITORY / name).is_file() and pattern.search((REPOSITORY / name).read_text(errors="replace"))
+    ]
+    assert hits == []
+
+
+def test_container_test_stops_at_the_first_failing_command_of_a_phase(tmp_path: Path) -> None:
+    """A phase that fails (here podman's set-up: no engine, nothing to install it with) is reported FAILED with the
+    command that failed, the cycle stops there and exits non-zero; before, set -e was off inside the phases."""
+    (tmp_path / "fixtures").mkdir()
+    tools = ("bash", "dirname", "basename", "df", "sed", "find", "id", "mkdir", "rm", "grep")
+    path = _restricted_path(tmp_path / "bin", tools)
+    env = {"PATH": path, "PYTHON": sys.executable, "GCINFER_PODMAN_DIR": str(tmp_path / "state")}
+    result = _run("containers/container-test.sh", "--fixtures", str(tmp_path / "fixtures"), env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "error: podman is missing and there is no apt-get" in result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("engine set-up")]
+    assert re.search(
+        r'FAILED \(exit 1, container-test\.sh line \d+: environment=\$\("\$ROOT/containers/setup-podman\.sh"\)\)$', row
+    )
+    assert "== ./build.sh" not in result.stderr and "./build.sh" not in result.stdout
 
 
 @pytest.fixture
@@ -332,6 +561,9 @@ def test_test_sh_local_passes_on_the_fixtures(fixtures_dir: Path) -> None:
 def test_test_autopet_sh_local_scores_a_three_study_dataset(tmp_path: Path, fixtures_dir: Path) -> None:
     checks.write_autopet_dataset(tmp_path / "dataset", studies=3, seed=0)
     work = tmp_path / "work"
+    work.mkdir()
+    (work / ".test-autopet").write_text("")
+    (work / "stale.txt").write_text("from an earlier run")
     result = _script(
         [
             "bash",
@@ -344,11 +576,14 @@ def test_test_autopet_sh_local_scores_a_three_study_dataset(tmp_path: Path, fixt
             str(work),
             "--model",
             str(fixtures_dir / "autopet2" / "model"),
+            "--min-dice",
+            "0.7",
         ],
         fixtures_dir,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert not (work / "stale.txt").exists() and (work / ".test-autopet").is_file(), "a stamped folder is remade"
     with (work / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["study"] for r in rows] == [
@@ -359,6 +594,76 @@ def test_test_autopet_sh_local_scores_a_three_study_dataset(tmp_path: Path, fixt
     assert all(r["status"] == "ok" for r in rows)
     assert np.mean([float(r["dice"]) for r in rows]) >= 0.7
     assert "3/3 studies scored" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["the dataset", "its parent", "inside the dataset", "a folder of files"])
+def test_test_autopet_sh_refuses_an_output_that_would_delete_data(tmp_path: Path, where: str) -> None:
+    """The work folder is removed and made anew: never when that deletes the dataset, writes into it, or deletes a
+    folder of files that no earlier run made (no .test-autopet stamp)."""
+    dataset, model, other = tmp_path / "data" / "dataset", tmp_path / "model", tmp_path / "results"
+    for folder in (dataset / "patient" / "study", model, other):
+        folder.mkdir(parents=True)
+    (dataset / "patient" / "study" / "SUV.nii.gz").write_bytes(b"keep")
+    (other / "notes.txt").write_text("keep")
+    output, expected = {
+        "the dataset": (dataset, f"{dataset}: the output folder is or contains the dataset {dataset}"),
+        "its parent": (dataset.parent, f"{dataset.parent}: the output folder is or contains the dataset {dataset}"),
+        "inside the dataset": (dataset / "work", f"{dataset}/work: the output folder lies in the dataset {dataset}"),
+        "a folder of files": (
+            other,
+            f"{other}: the output folder holds files but no .test-autopet of an earlier run; refusing to delete them",
+        ),
+    }[where]
+    env = {"PATH": os.environ["PATH"], "PYTHON": sys.executable}
+    result = _run("test_autopet.sh", str(dataset), "--local", "--model", str(model), "--output", str(output), env=env)
+    assert result.returncode == 1
+    assert f"test_autopet.sh: error: {expected}" in result.stderr
+    assert (dataset / "patient" / "study" / "SUV.nii.gz").read_bytes() == b"keep"
+    assert (other / "notes.txt").read_text() == "keep"
+    assert not (dataset / "work").exists()
+
+
+def _scored_study(work: Path, truth: np.ndarray, prediction: np.ndarray) -> None:
+    """``work`` as test_autopet.sh leaves it for one study that ran: studies.tsv, status, output and label."""
+    geometry = Geometry((8, 8, 8), (2.0, 2.0, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    output = work / "study" / "output" / "images" / "automated-petct-lesion-segmentation" / "study.mha"
+    write_label_map(output, prediction, geometry)
+    write_label_map(work / "labels" / "study.nii.gz", truth, geometry)
+    (work / "study" / "status").write_text("0 1\n")
+    (work / "studies.tsv").write_text(f"study\t{work / 'study' / 'input'}\t{work / 'labels' / 'study.nii.gz'}\n")
+
+
+def test_autopet_score_fails_below_its_dice_target(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``autopet-score --min-dice`` (test_autopet.sh --min-dice, the container cycle's 0.7): the mean Dice of the
+    studies with lesions must reach the target; without lesions, no target can be met."""
+    config = REPOSITORY / "docker" / "autopet2" / "config.json"
+    truth = np.zeros((8, 8, 8), np.uint8)
+    truth[2:6, 2:6, 2:6] = 1
+    half = truth.copy()
+    half[2:4] = 0
+    _scored_study(tmp_path, truth, half)
+    assert checks.score_dataset(tmp_path, config, tmp_path / "r.csv")
+    assert (
+        checks.main(
+            [
+                "autopet-score",
+                str(tmp_path),
+                "--config",
+                str(config),
+                "--csv",
+                str(tmp_path / "r.csv"),
+                "--min-dice",
+                "0.6",
+            ]
+        )
+        == 0
+    )
+    assert "mean Dice 0.6667 >= 0.6" in capsys.readouterr().out
+    assert not checks.score_dataset(tmp_path, config, tmp_path / "r.csv", min_dice=0.7)
+    assert "FAILED mean Dice 0.6667 below the target 0.7" in capsys.readouterr().out
+    _scored_study(tmp_path, truth * 0, truth * 0)
+    assert not checks.score_dataset(tmp_path, config, tmp_path / "r.csv", min_dice=0.7)
+    assert "FAILED no scored study with lesions: the Dice target 0.7 cannot be checked" in capsys.readouterr().out
 
 
 def test_test_autopet_sh_reports_a_study_it_cannot_read(tmp_path: Path, fixtures_dir: Path) -> None:

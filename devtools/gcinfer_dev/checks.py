@@ -13,7 +13,8 @@ Used by ``test.sh`` and ``test_autopet.sh`` as ``python -m gcinfer_dev.checks <c
 - ``autopet-dataset``: write an AutoPET NIfTI dataset (``<patient>/<study>/SUV.nii.gz, CTres.nii.gz,
   SEG.nii.gz``) of fixture PET/CT phantoms;
 - ``autopet-stage``: split an AutoPET dataset into one Grand Challenge input folder per study;
-- ``autopet-score``: the challenge metrics of every study's output (:mod:`gcinfer_dev.metrics`), a CSV and a summary.
+- ``autopet-score``: the challenge metrics of every study's output (:mod:`gcinfer_dev.metrics`), a CSV, a summary
+  and, with ``--min-dice``, the mean Dice checked against a target.
 """
 
 from __future__ import annotations
@@ -384,8 +385,13 @@ def score_study(work: Path, name: str, label: Path, output_socket: str) -> tuple
     return {**row, "status": "ok", **values}, scores
 
 
-def score_dataset(work: Path, config_path: Path, csv_path: Path) -> bool:
-    """Score every study of ``work/studies.tsv``; write ``csv_path``, print the summary; True when all were scored."""
+def score_dataset(work: Path, config_path: Path, csv_path: Path, min_dice: float | None = None) -> bool:
+    """Score every study of ``work/studies.tsv``; write ``csv_path``, print the summary.
+
+    Returns:
+        True when every study was scored and, with ``min_dice``, the mean Dice over the studies with lesions is
+        at least ``min_dice`` (a dataset without any lesion cannot meet a target).
+    """
     output_socket = Sockets.of(read_json(config_path), config_path).output
     with (work / "studies.tsv").open() as handle:
         studies = list(csv.reader(handle, delimiter="\t"))
@@ -406,7 +412,21 @@ def score_dataset(work: Path, config_path: Path, csv_path: Path) -> bool:
             f"false positive volume {summary['false_positive_volume_ml']:.2f} ml (all studies), "
             f"false negative volume {summary['false_negative_volume_ml']:.2f} ml (studies with lesions)"
         )
-    return len(scored) == len(results)
+    target_met = min_dice is None or meets_dice_target(scored, min_dice)
+    return len(scored) == len(results) and target_met
+
+
+def meets_dice_target(scores: dict[str, LesionScores], min_dice: float) -> bool:
+    """Print and check the mean Dice of the studies with lesions against ``min_dice`` (none with lesions: False)."""
+    mean = summarize_scores(scores)["dice"] if scores else float("nan")
+    if np.isnan(mean):
+        print(f"FAILED no scored study with lesions: the Dice target {min_dice} cannot be checked")
+        return False
+    if mean < min_dice:
+        print(f"FAILED mean Dice {mean:.4f} below the target {min_dice}")
+        return False
+    print(f"mean Dice {mean:.4f} >= {min_dice}")
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -440,6 +460,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     score.add_argument("work", type=Path)
     score.add_argument("--config", type=Path, required=True)
     score.add_argument("--csv", type=Path, required=True)
+    score.add_argument("--min-dice", type=float, help="fail when the mean Dice (studies with lesions) is lower")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -460,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.check == "autopet-stage":
         print(stage_dataset(args.dataset, args.work, args.config))
     elif args.check == "autopet-score":
-        return 0 if score_dataset(args.work, args.config, args.csv) else 1
+        return 0 if score_dataset(args.work, args.config, args.csv, args.min_dice) else 1
     return 0
 
 
