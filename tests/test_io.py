@@ -96,7 +96,7 @@ def test_unwritable_output_folder_is_named(tmp_path: Path) -> None:
         ),
         (
             lambda p: write_mha_header(p, "0 1 1"),
-            r"bad.mha: cannot read image \(Zero-valued spacing is not supported",
+            r"bad.mha: invalid voxel spacing \(0.0, 1.0, 1.0\) \(must be finite and at least 0.001 mm\)",
         ),
         (
             lambda p: p.write_bytes(write_mha_header(p, "1 1 1").read_bytes()[:-10]),
