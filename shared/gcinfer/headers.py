@@ -37,8 +37,8 @@ _METAIMAGE_ELEMENT_BYTES = {
 }
 
 
-def _cannot_read(path: Path, cause: str) -> InputError:
-    return InputError(f"{shown(path)}: cannot read image ({cause})")
+def _bad_header(path: Path, cause: str) -> InputError:
+    return InputError(f"{shown(path)}: cannot read image header ({cause})")
 
 
 def metaimage_header(path: Path) -> dict[str, str]:
@@ -60,12 +60,12 @@ def metaimage_header(path: Path) -> dict[str, str]:
         except UnicodeDecodeError:
             key_text = ""
         if not equals or not key_text.replace("_", "").isalnum():
-            raise _cannot_read(path, f"line {number} of the MetaImage header is not 'key = value'")
+            raise _bad_header(path, f"line {number} of the MetaImage header is not 'key = value'")
         fields[key_text] = value_text
         if key_text.lower() == "elementdatafile":
             _check_metaimage_fields(path, fields)
             return fields
-    raise _cannot_read(path, f"no ElementDataFile line in the first {METAIMAGE_HEADER_LIMIT} bytes of the header")
+    raise _bad_header(path, f"no ElementDataFile line in the first {METAIMAGE_HEADER_LIMIT} bytes of the header")
 
 
 def _check_metaimage_fields(path: Path, fields: dict[str, str]) -> None:
@@ -82,13 +82,13 @@ def _check_metaimage_fields(path: Path, fields: dict[str, str]) -> None:
     except ValueError:
         dims = []
     if not dims or min(dims) < 1:
-        raise _cannot_read(path, f"invalid DimSize '{dims_text}' (positive integers expected)")
+        raise _bad_header(path, f"invalid DimSize '{dims_text}' (positive integers expected)")
     channels = by_key.get("elementnumberofchannels", "1")
     element = _METAIMAGE_ELEMENT_BYTES.get(by_key.get("elementtype", ""), 8) * (
         int(channels) if channels.isdigit() else 1
     )
     if math.prod(dims) * element > MAX_VOXEL_BYTES:
-        raise _cannot_read(path, f"DimSize {dims_text} overflows: {math.prod(dims)} voxels")
+        raise _bad_header(path, f"DimSize {dims_text} overflows: {math.prod(dims)} voxels")
 
 
 def nifti_data_end(head: bytes) -> int | None:
@@ -123,7 +123,7 @@ def check_nifti_length(path: Path, head: bytes, length: int) -> None:
     """
     end = nifti_data_end(head)
     if end is not None and length < end:
-        raise _cannot_read(
-            path,
-            f"truncated NIfTI data: the header announces {end} bytes up to the last voxel, the data holds {length}",
+        raise InputError(
+            f"{shown(path)}: cannot read image (truncated NIfTI data: the header announces {end} bytes up to the last "
+            f"voxel, the data holds {length})"
         )
