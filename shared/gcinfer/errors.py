@@ -41,3 +41,11 @@ def shown(path: Path | str) -> str:
     literal, e.g. ``'/input/a\\nERROR b.mha'``."""
     text = str(path)
     return repr(text) if any(unicodedata.category(c).startswith("C") for c in text) else text
+
+
+def cause_of(error: BaseException) -> str:
+    """One line saying why reading a file failed: the line of a multi-line message that names a refused global
+    (``torch.load(weights_only=True)`` explains its option first), else its first line, else the exception's type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines if "GLOBAL" in line]
+    return f"{type(error).__name__}: {(specific or lines or ['(no message)'])[0]}"

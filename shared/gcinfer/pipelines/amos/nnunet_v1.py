@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, shown
+from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, cause_of, shown
 from gcinfer.io import Geometry
 from gcinfer.pipelines.amos.pickles import load_pickle
 
@@ -310,8 +310,7 @@ def load_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals(_NUMPY_CHECKPOINT_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except DESERIALIZATION_ERRORS as error:
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{shown(path)}: cannot load checkpoint ({cause})") from None
+        raise InputError(f"{shown(path)}: cannot load checkpoint ({cause_of(error)})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise InputError(f"{shown(path)}: not an nnU-Net v1 checkpoint (no 'state_dict')")
     return checkpoint

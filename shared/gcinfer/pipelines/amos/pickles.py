@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, shown
+from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, cause_of, shown
 
 _NUMPY_MODULES = ("numpy.core", "numpy._core")  # numpy < 2 and numpy 2 names of the same functions
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
@@ -54,4 +54,4 @@ def load_pickle(path: Path) -> Any:
         with open(path, "rb") as stream:
             return RestrictedUnpickler(stream).load()
     except DESERIALIZATION_ERRORS as error:
-        raise InputError(f"{shown(path)}: cannot read pickle ({type(error).__name__}: {error})") from None
+        raise InputError(f"{shown(path)}: cannot read pickle ({cause_of(error)})") from None

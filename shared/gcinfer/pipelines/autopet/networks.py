@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, shown
+from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, cause_of, shown
 from gcinfer.pipelines.autopet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def checked_state_dict(path: Path, network: nn.Module) -> dict[str, torch.Tensor
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except DESERIALIZATION_ERRORS as error:
-        raise InputError(f"{shown(path)}: cannot read checkpoint ({type(error).__name__}: {error})") from None
+        raise InputError(f"{shown(path)}: cannot read checkpoint ({cause_of(error)})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("net"), dict):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise InputError(f"{shown(path)}: expected a MONAI checkpoint {{'net': state_dict}}, found keys {found}")
