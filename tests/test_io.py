@@ -376,3 +376,29 @@ def test_deeply_nested_inputs_json_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "inputs.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(InputError, match=r"inputs.json: cannot read JSON \(RecursionError"):
         discover_cases(tmp_path, tmp_path / "out", Sockets(("pet",), "lesions"))
+
+
+def test_a_bug_shows_its_traceback_and_the_other_cases_still_run(tmp_path: Path, caplog) -> None:
+    """Only the library's own errors are bad inputs: a ValueError raised by the code is a bug, logged with its
+    traceback; the case fails, the others are written."""
+    for name in ("a", "b", "c"):
+        write_volume(tmp_path / "in" / f"{name}.mha", np.ones((3, 4, 5), np.int16))
+    cases = discover_cases(tmp_path / "in", tmp_path / "out", Sockets(("image",), "seg"))
+
+    def predict(case, stages) -> None:
+        image, geometry = read_image(case.inputs["image"])
+        if case.name == "b":
+            raise ValueError("a bug in the pipeline")
+        if case.name == "c":
+            raise InputError(f"{case.inputs['image']}: a bad input")
+        write_label_map(case.output, (image > 0).astype(np.uint8), geometry)
+
+    results = run_cases(cases, predict, torch.device("cpu"), progress=False)
+    assert [(r.name, r.ok, r.message) for r in results[1:]] == [
+        ("b", False, "ValueError: a bug in the pipeline"),
+        ("c", False, f"{tmp_path}/in/c.mha: a bad input"),
+    ]
+    records = {r.getMessage(): r for r in caplog.records if r.levelname == "ERROR"}
+    assert records["b: failed"].exc_info is not None and records["b: failed"].exc_info[0] is ValueError
+    assert records[f"c: {tmp_path}/in/c.mha: a bad input"].exc_info is None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mha"]

@@ -436,10 +436,10 @@ def amos_rows() -> list[Row]:
         ),
         Row(
             "non-orthonormal",
-            "non-orthonormal (sheared) direction",
+            "non-orthonormal (sheared) direction in a `.mha` (a NIfTI qform cannot hold one)",
             "refused",
             r"direction matrix .* is not orthonormal",
-            sheared("non-orthonormal.nii.gz"),
+            sheared("non-orthonormal.mha"),
         ),
         Row(
             "singular-direction",
@@ -1112,12 +1112,14 @@ def test_autopet_model_folder_uses_folds_only(fixtures_dir: Path, autopet_run, a
     (model / "checkpoint.pt").write_bytes(b"not a checkpoint")
     next(r for r in ROWS["autopet2"] if r.id == "clean").make(tmp_path / "in", autopet_clean, "clean")
     logger = logging.getLogger("gcinfer")
-    infos = _Errors(logging.INFO)
+    infos, level = _Errors(logging.INFO), logger.level
     logger.addHandler(infos)
+    logger.setLevel(logging.INFO)
     try:
         again = run_cli(*AUTOPET_ARGS, "--input", tmp_path / "in", "--model", model, output=tmp_path / "out")
     finally:
         logger.removeHandler(infos)
+        logger.setLevel(level)
     assert again.code == 0, again.errors
     assert f"{model}: using numbered folds 0.pt, 1.pt (ignored: checkpoint.pt)" in infos.messages
     name = Path("images") / AUTOPET_OUTPUT / "clean.mha"

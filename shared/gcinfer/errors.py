@@ -22,6 +22,7 @@ DESERIALIZATION_ERRORS = (
     MemoryError,
     RecursionError,
     RuntimeError,
+    SystemError,
 )
 """What reading a corrupt or hostile pickle or checkpoint raises (``UnicodeDecodeError`` and ``OverflowError`` from
 opcodes' arguments, ``TypeError`` from a reduce with wrong arguments, ``MemoryError`` from a huge length, ...)."""
