@@ -197,7 +197,7 @@ class AutopetPipeline:
     network_cost: NetworkCost
 
     def describe(self) -> str:
-        names = ", ".join(p.name for p in self.checkpoints)
+        names = ", ".join(shown(p.name) for p in self.checkpoints)
         return f"checkpoint(s) {names}, ensemble {self.settings.ensemble}, device {self.device}"
 
     def predict_case(self, case: Case, stages: StageLog) -> None:
