@@ -58,7 +58,36 @@ def test_host_limit_is_the_cgroup_limit_else_physical_memory(tmp_path, files: di
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert memory_budget.host_limit_bytes(tmp_path) == (expected or memory_budget.physical_memory_bytes())
+    no_cgroup = tmp_path / "no-proc-cgroup"
+    assert memory_budget.host_limit_bytes(tmp_path, no_cgroup) == (expected or memory_budget.physical_memory_bytes())
+
+
+@pytest.mark.parametrize(
+    ("proc_cgroup", "files", "expected"),
+    [
+        ("0::/pod/job\n", {"memory.max": "max", "pod/memory.max": "max", "pod/job/memory.max": "4294967296"}, 4),
+        ("0::/pod/job\n", {"pod/memory.max": "2147483648", "pod/job/memory.max": "4294967296"}, 2),
+        (
+            "9:pids:/\n4:cpu,memory:/docker/abc\n0::/\n",
+            {
+                "memory/memory.limit_in_bytes": "9223372036854771712",
+                "memory/docker/abc/memory.limit_in_bytes": "3221225472",
+            },
+            3,
+        ),
+        ("0::/pod/job\n", {"memory.max": "5368709120", "elsewhere/memory.max": "1073741824"}, 5),
+    ],
+    ids=["v2 own cgroup", "v2 parent smaller", "v1 own cgroup", "v2 other cgroups ignored"],
+)
+def test_host_limit_is_the_smallest_along_the_own_cgroup(
+    tmp_path, proc_cgroup: str, files: dict, expected: int
+) -> None:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "cgroup.txt").write_text(proc_cgroup)
+    assert memory_budget.host_limit_bytes(root, tmp_path / "cgroup.txt") == expected * GIB
 
 
 def test_cpu_budget_is_shared_and_counts_what_the_process_holds() -> None:

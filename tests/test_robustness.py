@@ -20,6 +20,8 @@ mirroring, so that a case lasts long enough to be interrupted in its middle.
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
 import pickle
@@ -27,6 +29,7 @@ import re
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -105,6 +108,7 @@ def with_extremes(array: np.ndarray) -> np.ndarray:
 
 SHEAR = (1.0, 0.2, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # non-orthonormal direction (a shear)
 SINGULAR = "1 0 0 1 0 0 0 0 1"
+NEARLY_SINGULAR = "1 0 0 0 1 0 0 0 1e-9"
 
 
 # --- rows -------------------------------------------------------------------------------------------------------------
@@ -205,6 +209,53 @@ def amos_rows() -> list[Row]:
     def huge_z(spacing: list[float]) -> None:
         spacing[2] = 1e5
 
+    def tiny(spacing: list[float]) -> None:
+        spacing[:] = [1e-6, 1e-6, 1e-6]
+
+    def small(spacing: list[float]) -> None:
+        spacing[:] = [0.002, 0.002, 0.002]
+
+    def halved(name: str, compress: bool) -> Maker:
+        def make(folder: Path, clean: Clean) -> Path:
+            full = write(folder.parent / "full" / "image.nii", clean.array, clean.geometry).read_bytes()
+            cut = full[: len(full) // 2]
+            (folder / name).write_bytes(gzip.compress(cut) if compress else cut)
+            return folder / name
+
+        return make
+
+    def claiming(folder: Path, clean: Clean) -> Path:
+        header = bytearray(352)
+        struct.pack_into("<i", header, 0, 348)
+        struct.pack_into("<8h", header, 40, 3, 4096, 4096, 4096, 1, 1, 1, 1)
+        struct.pack_into("<2h", header, 70, 64, 64)
+        struct.pack_into("<5f", header, 76, 1.0, 1.0, 1.0, 1.0, 0.0)
+        struct.pack_into("<f", header, 108, 352.0)
+        header[344:348] = b"n+1\0"
+        (folder / "header-claims-4096.nii.gz").write_bytes(gzip.compress(bytes(header)))
+        return folder / "header-claims-4096.nii.gz"
+
+    def data_elsewhere(folder: Path, clean: Clean) -> Path:
+        path = raw_mha(folder / "data-elsewhere.mha", clean.array, spacing_text(clean.geometry), data=b"")
+        path.write_bytes(path.read_bytes().replace(b"ElementDataFile = LOCAL", b"ElementDataFile = /etc/passwd"))
+        return path
+
+    def overflowing(folder: Path, clean: Clean) -> Path:
+        path = raw_mha(folder / "dimsize-overflow.mha", clean.array, spacing_text(clean.geometry))
+        z, y, x = clean.array.shape
+        huge = b"DimSize = 4294967296 4294967296 4294967296"
+        path.write_bytes(path.read_bytes().replace(f"DimSize = {x} {y} {z}".encode(), huge))
+        return path
+
+    def beyond_float32(a: np.ndarray) -> np.ndarray:
+        b = a.astype(np.float64)
+        b[0, 0, :2] = 1e39
+        return b
+
+    def duplicate(folder: Path, clean: Clean) -> Path:
+        write(folder / "duplicate.mha", clean.array, clean.geometry)
+        return write(folder / "duplicate.nii.gz", clean.array, clean.geometry)
+
     def zero_y(spacing: list[float]) -> None:
         spacing[1] = 0.0
 
@@ -224,8 +275,46 @@ def amos_rows() -> list[Row]:
             "corrupt-mha",
             "corrupt `.mha` (a header line, then random bytes)",
             "refused",
-            r"cannot read image \(",
+            r"cannot read image header \(",
             corrupt,
+        ),
+        Row(
+            "nii-cut",
+            "plain `.nii` cut in half (ITK reads the missing half as 0)",
+            "refused",
+            r"cannot read image \(truncated NIfTI data: the header announces",
+            halved("nii-cut.nii", compress=False),
+        ),
+        Row(
+            "nii-gz-of-cut",
+            "complete `.nii.gz` of a `.nii` cut in half",
+            "refused",
+            r"cannot read image \(truncated NIfTI data: the header announces",
+            halved("nii-gz-of-cut.nii.gz", compress=True),
+        ),
+        Row(
+            "header-claims-4096",
+            "a 60-byte `.nii.gz` whose header claims 4096^3 float64 voxels (nothing is read; the peak RSS of a "
+            "1024^3 claim: `tests/test_io.py::test_huge_header_claim_is_refused_from_the_header_with_little_memory`)",
+            "refused",
+            TOO_LARGE,
+            claiming,
+        ),
+        Row(
+            "data-elsewhere",
+            "`.mha` whose header reads its voxels from another file (`ElementDataFile = /etc/passwd`; `/dev/zero` and "
+            "a FIFO: `tests/test_io.py::test_metaimage_voxels_only_from_the_file_itself`)",
+            "refused",
+            r"the header reads its voxels from another file \(ElementDataFile = /etc/passwd\); only "
+            r"ElementDataFile = LOCAL",
+            data_elsewhere,
+        ),
+        Row(
+            "dimsize-overflow",
+            "`.mha` whose `DimSize` product overflows 64 bits",
+            "refused",
+            r"cannot read image header \(DimSize 4294967296 4294967296 4294967296 overflows",
+            overflowing,
         ),
         Row(
             "header-data-mismatch",
@@ -249,6 +338,13 @@ def amos_rows() -> list[Row]:
             "same labels as the clean case",
             image("float64.nii.gz", lambda a: a.astype(np.float64)),
             same=True,
+        ),
+        Row(
+            "beyond-float32",
+            "float64 voxels beyond float32's range (1e39: inf once cast, then NaN in the network)",
+            "refused",
+            r"2 voxel\(s\) beyond the range of float32, in which the pipeline computes",
+            image("beyond-float32.nii.gz", beyond_float32),
         ),
         Row(
             "rgb",
@@ -306,8 +402,22 @@ def amos_rows() -> list[Row]:
             "zero-spacing",
             "zero spacing",
             "refused",
-            r"cannot read image \(Zero-valued spacing is not supported",
+            r"invalid voxel spacing \(1\.\d+, 0\.0, 4\.\d+\) \(must be finite and at least 0\.001 mm\)",
             header("zero-spacing.mha", zero_y),
+        ),
+        Row(
+            "tiny-spacing",
+            "tiny spacing (1e-6 mm)",
+            "refused",
+            r"invalid voxel spacing \(1e-06, 1e-06, 1e-06\) \(must be finite and at least 0\.001 mm\)",
+            header("tiny-spacing.mha", tiny),
+        ),
+        Row(
+            "sub-voxel-extent",
+            "spacing of 0.002 mm: the whole image is smaller than half a voxel of the network's grid",
+            "refused",
+            r"resampled to the spacing .* leave an axis without a voxel",
+            header("sub-voxel-extent.mha", small),
         ),
         Row(
             "negative-spacing",
@@ -326,18 +436,31 @@ def amos_rows() -> list[Row]:
         ),
         Row(
             "non-orthonormal",
-            "non-orthonormal (sheared) direction",
-            "processed",
-            "same labels as the clean case, direction kept",
-            sheared("non-orthonormal.nii.gz"),
-            same=True,
+            "non-orthonormal (sheared) direction in a `.mha` (a NIfTI qform cannot hold one)",
+            "refused",
+            r"direction matrix .* is not orthonormal",
+            sheared("non-orthonormal.mha"),
         ),
         Row(
             "singular-direction",
             "singular direction matrix",
             "refused",
-            r"cannot read image \(Bad direction",
+            r"direction matrix .* is not orthonormal",
             header("singular-direction.mha", direction=SINGULAR),
+        ),
+        Row(
+            "nearly-singular-direction",
+            "nearly singular direction matrix (`0 0 1e-9` as its third column)",
+            "refused",
+            r"direction matrix .* is not orthonormal",
+            header("nearly-singular-direction.mha", direction=NEARLY_SINGULAR),
+        ),
+        Row(
+            "duplicate",
+            "two inputs with one case name (`duplicate.mha`, `duplicate.nii.gz`)",
+            "refused",
+            r"2 images share the case name 'duplicate'; keep one",
+            duplicate,
         ),
         Row(
             "non-ascii-name",
@@ -411,6 +534,11 @@ def autopet_rows() -> list[Row]:
     def one_slice(a: np.ndarray) -> np.ndarray:
         return a[a.shape[0] // 2 : a.shape[0] // 2 + 1]
 
+    def beyond_float32(a: np.ndarray) -> np.ndarray:
+        b = a.astype(np.float64)
+        b[1, 2, 3] = 1e39
+        return b
+
     def sheared(g: Geometry) -> Geometry:
         return Geometry(g.size, g.spacing, g.origin, SHEAR)
 
@@ -444,17 +572,24 @@ def autopet_rows() -> list[Row]:
         Row("all-zero-pet", "all-zero PET", "processed", "written on the PET's grid", pair(pet_array(np.zeros_like))),
         Row("one-slice-pet", "one-slice PET", "processed", "written on the PET's grid", pair(pet_array(one_slice))),
         Row(
+            "beyond-float32-pet",
+            "float64 PET beyond float32's range (1e39)",
+            "refused",
+            r"1 voxel\(s\) beyond the range of float32, in which the pipeline computes",
+            pair(pet_array(beyond_float32)),
+        ),
+        Row(
             "zero-spacing-pet",
             "PET with zero spacing",
             "refused",
-            r"cannot read image \(Zero-valued spacing",
+            r"invalid voxel spacing \(0\.0, 4\.0, 4\.0\)",
             pair(zero),
         ),
         Row(
             "non-orthonormal-pet",
             "PET with a non-orthonormal (sheared) direction",
-            "processed",
-            "written on the PET's grid",
+            "refused",
+            r"direction matrix .* is not orthonormal",
             pair(pet_grid(sheared)),
         ),
         Row(
@@ -567,6 +702,38 @@ def run_rows() -> list[Row]:
             pipeline="AMOS",
         ),
         Row(
+            "amos-pickle-runs-code",
+            "`.model.pkl` whose unpickling would call `os.system` (nothing runs)",
+            "refused",
+            r"cannot read pickle \(UnpicklingError: refers to posix\.system, which nnU-Net v1 does not write there",
+            test=here(amos_model, "amos-pickle-runs-code"),
+            pipeline="AMOS",
+        ),
+        Row(
+            "amos-corrupt-pickle",
+            "corrupt `.model.pkl` (bytes overwritten)",
+            "refused",
+            r"model_final_checkpoint.model.pkl: (cannot read pickle|not an nnU-Net v1 .model.pkl)",
+            test=here(amos_model, "amos-corrupt-pickle"),
+            pipeline="AMOS",
+        ),
+        Row(
+            "amos-checkpoint-runs-code",
+            "checkpoint whose unpickling would call `os.system` (no full-pickle fallback, nothing runs)",
+            "refused",
+            r"cannot load checkpoint \(UnpicklingError: Trying to load unsupported GLOBAL posix\.system",
+            test=here(amos_model, "amos-checkpoint-runs-code"),
+            pipeline="AMOS",
+        ),
+        Row(
+            "output-over-input",
+            "flat layout with `--output` equal to `--input` (the outputs would replace the inputs)",
+            "refused",
+            r"the output would overwrite the input image .*; choose an output folder other than the input folder",
+            test=here("test_output_over_input_is_refused"),
+            pipeline="AMOS",
+        ),
+        Row(
             "autopet-missing-weights",
             "no weights",
             "refused",
@@ -591,8 +758,40 @@ def run_rows() -> list[Row]:
             pipeline="AutoPET",
         ),
         Row(
+            "autopet-out-channels",
+            "`model.json` with 3 output channels (the vote and the lesion mask need 2)",
+            "refused",
+            r"network out_channels must be 2, got 3",
+            test=here(autopet_model, "autopet-out-channels"),
+            pipeline="AutoPET",
+        ),
+        Row(
+            "autopet-window",
+            "`model.json` with a window edge of 0 voxels",
+            "refused",
+            r"window \(0, 64, 64\) must have edges of 1 to 512 voxels",
+            test=here(autopet_model, "autopet-window"),
+            pipeline="AutoPET",
+        ),
+        Row(
+            "autopet-unknown-argument",
+            "`model.json` with an argument DynUNet does not take",
+            "refused",
+            r"unknown DynUNet argument\(s\) 'dropout_rate' in 'network'",
+            test=here(autopet_model, "autopet-unknown-argument"),
+            pipeline="AutoPET",
+        ),
+        Row(
+            "autopet-hidden-and-single",
+            "AutoPET model folder with `._0.pt` (macOS) and `checkpoint.pt` beside the folds",
+            "processed",
+            "the numbered folds only (logged), same labels as the clean pair",
+            test=here("test_autopet_model_folder_uses_folds_only"),
+            pipeline="AutoPET",
+        ),
+        Row(
             "read-only-output",
-            "read-only output folder",
+            "read-only output folder (found before the first case)",
             "refused",
             r"cannot write output \((Read-only file system|Permission denied)\)",
             test=here(output, "read-only-output"),
@@ -633,8 +832,8 @@ class Run:
 
 
 class _Errors(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+    def __init__(self, level: int = logging.ERROR) -> None:
+        super().__init__(level)
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -819,11 +1018,44 @@ def _unknown_trainer(weights: Path, info: Path) -> None:
         pickle.dump(content, stream)
 
 
+class RunsCode:
+    """Pickled as a call of ``os.system``: unpickling it would create :data:`MARKER`."""
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {MARKER}",)
+
+
+MARKER = Path(f"/tmp/gcinfer-test-code-ran-{os.getpid()}")
+
+
+def _pickle_runs_code(weights: Path, info: Path) -> None:
+    with open(info, "rb") as stream:
+        content = pickle.load(stream)
+    content["plans"]["code"] = RunsCode()
+    with open(info, "wb") as stream:
+        pickle.dump(content, stream)
+
+
+def _corrupt_pickle(weights: Path, info: Path) -> None:
+    data = bytearray(info.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 64] = np.random.default_rng(3).integers(0, 256, 64, np.uint8).tobytes()
+    info.write_bytes(bytes(data))
+
+
+def _checkpoint_runs_code(weights: Path, info: Path) -> None:
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+    checkpoint["plot_stuff"] = RunsCode()
+    torch.save(checkpoint, weights)
+
+
 AMOS_MODEL_PROBLEMS = {
     "amos-missing-weights": _missing,
     "amos-corrupt-checkpoint": _corrupt,
     "amos-other-architecture": _other_architecture,
     "amos-unknown-trainer": _unknown_trainer,
+    "amos-pickle-runs-code": _pickle_runs_code,
+    "amos-corrupt-pickle": _corrupt_pickle,
+    "amos-checkpoint-runs-code": _checkpoint_runs_code,
 }
 
 
@@ -837,8 +1069,12 @@ def test_amos_model_problems(row_id: str, fixtures_dir: Path, amos_clean: Clean,
     run = run_cli(*AMOS_ARGS, "--no-tta", "--input", tmp_path / "in", "--model", model, output=tmp_path / "out")
     row = run_row(row_id)
     assert_refused_run(run, row)
-    named = weights if row_id != "amos-unknown-trainer" else info
+    named = (
+        weights if row_id in ("amos-missing-weights", "amos-corrupt-checkpoint", "amos-other-architecture") else info
+    )
+    named = weights if row_id == "amos-checkpoint-runs-code" else named
     assert any(str(named) in e for e in run.errors), run.errors
+    assert not MARKER.exists(), "the model folder ran code"
 
 
 def _autopet_other_architecture(model: Path) -> None:
@@ -848,11 +1084,80 @@ def _autopet_other_architecture(model: Path) -> None:
     torch.save({"net": other.state_dict()}, model / "0.pt")
 
 
+def _model_json(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(model: Path) -> None:
+        content = json.loads((model / "model.json").read_text())
+        change(content)
+        (model / "model.json").write_text(json.dumps(content))
+
+    return edit
+
+
 AUTOPET_MODEL_PROBLEMS = {
     "autopet-missing-weights": lambda model: [p.unlink() for p in model.glob("*.pt")],
     "autopet-corrupt-checkpoint": lambda model: (model / "0.pt").write_bytes(b"PK\x03\x04 not a checkpoint"),
     "autopet-other-architecture": _autopet_other_architecture,
+    "autopet-out-channels": _model_json(lambda c: c["network"].update(out_channels=3)),
+    "autopet-window": _model_json(lambda c: c.update(window=[0, 64, 64])),
+    "autopet-unknown-argument": _model_json(lambda c: c["network"].update(dropout_rate=0.5)),
 }
+
+
+def test_autopet_model_folder_uses_folds_only(fixtures_dir: Path, autopet_run, autopet_clean: Clean, tmp_path) -> None:
+    """``._0.pt`` (macOS metadata) and a ``checkpoint.pt`` beside the numbered folds are left out, and the log says
+    so: both are garbage here, which would refuse the run if they were read."""
+    run, _ = autopet_run
+    model = Path(shutil.copytree(fixtures_dir / "autopet2" / "model", tmp_path / "model"))
+    (model / "._0.pt").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (model / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    next(r for r in ROWS["autopet2"] if r.id == "clean").make(tmp_path / "in", autopet_clean, "clean")
+    logger = logging.getLogger("gcinfer")
+    infos, level = _Errors(logging.INFO), logger.level
+    logger.addHandler(infos)
+    logger.setLevel(logging.INFO)
+    try:
+        again = run_cli(*AUTOPET_ARGS, "--input", tmp_path / "in", "--model", model, output=tmp_path / "out")
+    finally:
+        logger.removeHandler(infos)
+        logger.setLevel(level)
+    assert again.code == 0, again.errors
+    assert f"{model}: using numbered folds 0.pt, 1.pt (ignored: checkpoint.pt)" in infos.messages
+    name = Path("images") / AUTOPET_OUTPUT / "clean.mha"
+    assert (again.output / name).read_bytes() == (run.output / name).read_bytes()
+
+
+def test_output_over_input_is_refused(amos_clean: Clean, fixtures_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = Path(shutil.copy(amos_clean.path, folder / "case.nii.gz"))
+    before = source.read_bytes()
+    run = run_cli(
+        *AMOS_ARGS, "--no-tta", "--input", folder, "--model", fixtures_dir / "amos_task1" / "model", output=folder
+    )
+    assert run.code == 1
+    assert any(re.search(f"{re.escape(str(source))}: {run_row('output-over-input').cause}", e) for e in run.errors)
+    assert sorted(folder.iterdir()) == [source] and source.read_bytes() == before
+
+
+def test_file_names_with_control_characters_are_quoted_in_the_log(amos_clean: Clean, fixtures_dir, tmp_path) -> None:
+    """A refused input named ``a\nERROR forged.nii.gz``: every log line names it quoted, none starts with the forged
+    text."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write(folder / "a\nERROR forged.nii.gz", np.zeros_like(amos_clean.array), amos_clean.geometry)
+    run = run_cli(
+        *AMOS_ARGS,
+        "--no-tta",
+        "--input",
+        folder,
+        "--model",
+        fixtures_dir / "amos_task1" / "model",
+        output=tmp_path / "o",
+    )
+    assert run.code == 1
+    quoted = repr(str(folder / "a\nERROR forged.nii.gz"))
+    assert any(e.startswith(f"{'a' + chr(10) + 'ERROR forged'!r}: {quoted}: every voxel is 0") for e in run.errors)
+    assert all("\n" not in e for e in run.errors), run.errors
 
 
 @pytest.mark.parametrize("row_id", AUTOPET_MODEL_PROBLEMS)
@@ -923,7 +1228,8 @@ def test_unwritable_output(row_id: str, fixtures_dir: Path, autopet_clean: Clean
     finally:
         output.chmod(0o755)
     assert process.returncode == 1, stderr
-    expected = output / "images" / AUTOPET_OUTPUT / "clean.mha"
+    expected = output / "images" / AUTOPET_OUTPUT  # read-only: the folder, before the first case; full: the file
+    expected = expected / "clean.mha" if full else expected
     assert re.search(f"{re.escape(str(expected))}: {run_row(row_id).cause}", stderr), stderr
     assert [p for p in output.rglob("*") if p.is_file()] == []
 

@@ -57,13 +57,7 @@ def task(folder: str) -> DemoTask:
 
 def header_geometry(path: Path) -> Geometry:
     """The :class:`Geometry` of an image file, from its header only."""
-    reader = read_header(path)
-    return Geometry(
-        tuple(int(s) for s in reader.GetSize()),
-        tuple(reader.GetSpacing()),
-        tuple(reader.GetOrigin()),
-        tuple(reader.GetDirection()),
-    )
+    return read_header(path).geometry
 
 
 def geometry_differences(actual: Geometry, expected: Geometry) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gcinfer.config import Sockets, read_json
-from gcinfer.errors import InputError
+from gcinfer.errors import InputError, shown
 from gcinfer.io import case_name, image_suffix
 
 
@@ -49,10 +49,12 @@ def _check_inputs_json(input_dir: Path, sockets: Sockets) -> None:
     try:
         listed = {Path(e["interface"]["relative_path"]).name for e in entries}
     except (ValueError, KeyError, TypeError) as error:
-        raise InputError(f"{path}: not a Grand Challenge inputs.json ({error})") from None
+        raise InputError(
+            f"{shown(path)}: not a Grand Challenge inputs.json ({type(error).__name__}: {error})"
+        ) from None
     missing = [s for s in sockets.inputs if s not in listed]
     if missing:
-        raise InputError(f"{path}: socket(s) {', '.join(missing)} not listed (has: {', '.join(sorted(listed))})")
+        raise InputError(f"{shown(path)}: socket(s) {', '.join(missing)} not listed (has: {', '.join(sorted(listed))})")
 
 
 def _grand_challenge_cases(input_dir: Path, output_dir: Path, sockets: Sockets) -> list[Case]:
@@ -62,7 +64,7 @@ def _grand_challenge_cases(input_dir: Path, output_dir: Path, sockets: Sockets) 
         folder = input_dir / "images" / socket
         files = _images_in(folder) if folder.is_dir() else []
         if not files:
-            raise InputError(f"{folder}: no image for input socket '{socket}'")
+            raise InputError(f"{shown(folder)}: no image for input socket '{socket}'")
         per_socket[socket] = files
     out_folder = output_dir / "images" / sockets.output
     first, *_others = sockets.inputs
@@ -70,16 +72,19 @@ def _grand_challenge_cases(input_dir: Path, output_dir: Path, sockets: Sockets) 
         name = case_name(per_socket[first][0])
         inputs = {s: files[0] for s, files in per_socket.items()}
         return [Case(name, inputs, out_folder / f"{name}.mha")]
-    by_name = {s: {case_name(p): p for p in files} for s, files in per_socket.items()}
-    names = sorted(set().union(*(set(d) for d in by_name.values())))
+    grouped = {s: _by_case_name(files) for s, files in per_socket.items()}
+    names = sorted(set().union(*(set(d) for d in grouped.values())))
     cases = []
     for name in names:
-        inputs = {s: by_name[s][name] for s in sockets.inputs if name in by_name[s]}
+        inputs = {s: grouped[s][name][0] for s in sockets.inputs if name in grouped[s]}
         missing = [s for s in sockets.inputs if s not in inputs]
+        shared = next((paths for paths in (grouped[s].get(name, []) for s in sockets.inputs) if len(paths) > 1), None)
         error = None
-        if missing:
-            have = ", ".join(str(p) for p in inputs.values())
-            error = f"{have}: no matching image named '{name}' in socket(s) {', '.join(missing)}"
+        if shared:
+            error = _shared_name_error(name, shared)
+        elif missing:
+            have = ", ".join(shown(p) for p in inputs.values())
+            error = f"{have}: no matching image named {name!r} in socket(s) {', '.join(missing)}"
         cases.append(Case(name, inputs, out_folder / f"{name}.mha", error))
     return cases
 
@@ -87,13 +92,47 @@ def _grand_challenge_cases(input_dir: Path, output_dir: Path, sockets: Sockets) 
 def _flat_cases(input_dir: Path, output_dir: Path, sockets: Sockets) -> list[Case]:
     if len(sockets.inputs) != 1:
         raise InputError(
-            f"{input_dir}: a flat folder of images only serves single-input algorithms; "
+            f"{shown(input_dir)}: a flat folder of images only serves single-input algorithms; "
             f"use the Grand Challenge layout images/<socket>/ for sockets {', '.join(sockets.inputs)}"
         )
     files = _images_in(input_dir)
     if not files:
-        raise InputError(f"{input_dir}: no .mha, .nii or .nii.gz image found")
-    return [Case(case_name(p), {sockets.inputs[0]: p}, output_dir / p.name) for p in files]
+        raise InputError(f"{shown(input_dir)}: no .mha, .nii or .nii.gz image found")
+    return [
+        Case(name, {sockets.inputs[0]: paths[0]}, output_dir / paths[0].name, _shared_name_error(name, paths))
+        for name, paths in _by_case_name(files).items()
+    ]
+
+
+def _by_case_name(files: list[Path]) -> dict[str, list[Path]]:
+    """The files of a folder grouped by case name (``a.mha`` and ``a.nii.gz`` are both case ``a``), sorted."""
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        groups.setdefault(case_name(path), []).append(path)
+    return dict(sorted(groups.items()))
+
+
+def _shared_name_error(name: str, paths: list[Path]) -> str | None:
+    """The error of a case whose name several files share (one would silently win), None for a single file."""
+    if len(paths) < 2:
+        return None
+    return f"{', '.join(shown(p) for p in paths)}: {len(paths)} images share the case name {name!r}; keep one"
+
+
+def _check_outputs_spare_inputs(cases: list[Case]) -> None:
+    """Refuse a run that would replace an input image by a label map (flat layout with ``--output`` = ``--input``).
+
+    Raises:
+        InputError: names the output and the input it resolves to.
+    """
+    inputs = {path.resolve(): path for case in cases for path in case.inputs.values()}
+    for case in cases:
+        overwritten = inputs.get(case.output.resolve())
+        if overwritten is not None:
+            raise InputError(
+                f"{shown(case.output)}: the output would overwrite the input image {shown(overwritten)}; "
+                "choose an output folder other than the input folder"
+            )
 
 
 def discover_cases(input_dir: Path | str, output_dir: Path | str, sockets: Sockets) -> list[Case]:
@@ -101,12 +140,18 @@ def discover_cases(input_dir: Path | str, output_dir: Path | str, sockets: Socke
 
     The Grand Challenge layout is used when ``input_dir/images`` exists, else the flat layout.
 
+    Several files with one case name (``a.mha``, ``a.nii.gz``) make one failed case (its ``error`` says why).
+
     Raises:
-        InputError: missing or empty input folder, missing socket, or a multi-input algorithm on a flat folder.
+        InputError: missing or empty input folder, missing socket, a multi-input algorithm on a flat folder, or an
+            output that would overwrite an input.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
-        raise InputError(f"{input_dir}: input folder not found")
+        raise InputError(f"{shown(input_dir)}: input folder not found")
     if (input_dir / "images").is_dir():
-        return _grand_challenge_cases(input_dir, output_dir, sockets)
-    return _flat_cases(input_dir, output_dir, sockets)
+        cases = _grand_challenge_cases(input_dir, output_dir, sockets)
+    else:
+        cases = _flat_cases(input_dir, output_dir, sockets)
+    _check_outputs_spare_inputs(cases)
+    return cases

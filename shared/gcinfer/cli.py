@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gcinfer.config import find_default_config, read_json
 from gcinfer.devices import resolve_device
-from gcinfer.errors import InputError
+from gcinfer.errors import InputError, UsageError
 from gcinfer.pipelines import PIPELINES, PipelineSpec, spec_of
 from gcinfer.runner import EXIT_FAILED, EXIT_INTERRUPTED, Interrupted, run_folder, sigterm_as_interruption
 
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in tools():
                 return importlib.import_module(tools()[args.command]).run(args)
             return run_pipeline(args)
-    except (InputError, ValueError) as error:
+    except (InputError, UsageError) as error:
         log.error("%s", error)
         return EXIT_FAILED
     except (KeyboardInterrupt, Interrupted) as error:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gcinfer.errors import InputError
+from gcinfer.errors import InputError, shown
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,13 @@ class Sockets:
             entry = config["sockets"]
             inputs, output = entry["inputs"], entry["output"]
         except (KeyError, TypeError) as error:
-            raise InputError(f"{source}: missing or malformed 'sockets' entry ({error!r})") from None
+            raise InputError(f"{shown(source)}: missing or malformed 'sockets' entry ({error!r})") from None
         if isinstance(inputs, str) or not all(isinstance(s, str) and s for s in inputs) or not inputs:
-            raise InputError(f"{source}: 'sockets.inputs' must be a non-empty list of socket slugs, got {inputs!r}")
+            raise InputError(
+                f"{shown(source)}: 'sockets.inputs' must be a non-empty list of socket slugs, got {inputs!r}"
+            )
         if not isinstance(output, str) or not output:
-            raise InputError(f"{source}: 'sockets.output' must be a socket slug, got {output!r}")
+            raise InputError(f"{shown(source)}: 'sockets.output' must be a socket slug, got {output!r}")
         return cls(tuple(inputs), output)
 
 
@@ -46,9 +48,9 @@ def read_json(path: Path | str, expect: type = dict) -> Any:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError, RecursionError) as error:
-        raise InputError(f"{path}: cannot read JSON ({type(error).__name__}: {error})") from None
+        raise InputError(f"{shown(path)}: cannot read JSON ({type(error).__name__}: {error})") from None
     if not isinstance(data, expect):
-        raise InputError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}")
+        raise InputError(f"{shown(path)}: expected a JSON {'object' if expect is dict else expect.__name__}")
     return data
 
 

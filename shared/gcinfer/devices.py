@@ -7,18 +7,23 @@ import resource
 
 import torch
 
+from gcinfer.errors import UsageError
+
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """The torch device for ``name``; None or ``"auto"`` means cuda when available, else cpu.
 
     Raises:
-        ValueError: a cuda device is asked for but CUDA is not available.
+        UsageError: not a device name, or a cuda device is asked for but CUDA is not available.
     """
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name}: not a torch device ({error})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available here (use --device cpu)")
+        raise UsageError(f"device '{name}' requested but CUDA is not available here (use --device cpu)")
     return device
 
 

@@ -26,7 +26,8 @@ from gcinfer.devices import (
     reset_peak_device_bytes,
     use_deterministic_algorithms,
 )
-from gcinfer.errors import InputError
+from gcinfer.errors import InputError, shown
+from gcinfer.io import check_writable
 
 if TYPE_CHECKING:
     from gcinfer.pipelines.base import Pipeline
@@ -69,7 +70,7 @@ class StageLog:
         device_peak = peak_device_bytes(self.device)
         if device_peak is not None:
             memory += f", peak {self.device} {_gib(device_peak)}"
-        return f"{self.case}: " + " | ".join(parts) + f" | {memory}"
+        return f"{shown(self.case)}: " + " | ".join(parts) + f" | {memory}"
 
 
 @dataclass
@@ -121,19 +122,19 @@ def run_cases(
     for case in tqdm(cases, desc="cases", unit="case", disable=disable):
         start = time.perf_counter()
         if case.error:
-            log.error("%s: %s", case.name, case.error)
+            log.error("%s: %s", shown(case.name), case.error)
             results.append(CaseResult(case.name, False, 0.0, case.error))
             continue
         stages = StageLog(case.name, device)
         reset_peak_device_bytes(device)
         try:
             predict_case(case, stages)
-        except (InputError, ValueError) as error:
-            log.error("%s: %s", case.name, error)
+        except InputError as error:
+            log.error("%s: %s", shown(case.name), error)
             results.append(CaseResult(case.name, False, time.perf_counter() - start, str(error)))
             continue
-        except Exception as error:
-            log.exception("%s: failed", case.name)
+        except Exception as error:  # a bug, not a bad input: its traceback is logged, the other cases still run
+            log.exception("%s: failed", shown(case.name))
             message = f"{type(error).__name__}: {error}"
             results.append(CaseResult(case.name, False, time.perf_counter() - start, message))
             continue
@@ -147,7 +148,7 @@ def summarize(results: Sequence[CaseResult]) -> int:
     failed = [r for r in results if not r.ok]
     log.info("%d case(s) written, %d failed", len(results) - len(failed), len(failed))
     for r in failed:
-        log.error("FAILED %s: %s", r.name, r.message)
+        log.error("FAILED %s: %s", shown(r.name), r.message)
     return EXIT_FAILED if failed or not results else EXIT_OK
 
 
@@ -155,9 +156,12 @@ def run_folder(name: str, pipeline: Pipeline, input_dir: Path, output_dir: Path)
     """Segment every case of ``input_dir`` into ``output_dir`` with a restored ``pipeline``; the exit code.
 
     Raises:
-        InputError: the folders themselves are unusable (no case is run).
+        InputError: the folders themselves are unusable (no case is run): see :func:`discover_cases`, or an output
+            folder where no file can be created.
     """
     cases = discover_cases(input_dir, output_dir, pipeline.sockets)
+    for folder in sorted({case.output.parent for case in cases}):
+        check_writable(folder)
     log.info("%s: %d case(s), %s", name, len(cases), pipeline.describe())
     code = summarize(run_cases(cases, pipeline.predict_case, pipeline.device))
     pipeline.finish(output_dir, code == EXIT_OK)

@@ -1,9 +1,10 @@
 """Memory budgets: what the operating system and the device leave for a case (the probes of the planner).
 
-The host's budget is the cgroup memory limit when there is one (the container's ``--memory``), else the physical
-memory, minus what the process already holds and a margin, and at most the address space ``ulimit -v`` leaves; the
-device's is its free memory plus PyTorch's cached free blocks, minus a margin for cuDNN workspaces and
-fragmentation. Tests and the benchmark pass budgets explicitly, e.g. :data:`T4_FREE_BYTES`.
+The host's budget is the smallest cgroup memory limit along the process's own cgroup (the container's ``--memory``,
+a pod's or a systemd slice's limit) when there is one, else the physical memory, minus what the process already
+holds and a margin, and at most the address space ``ulimit -v`` leaves; the device's is its free memory plus
+PyTorch's cached free blocks, minus a margin for cuDNN workspaces and fragmentation. Tests and the benchmark pass
+budgets explicitly, e.g. :data:`T4_FREE_BYTES`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ HOST_MARGIN_BYTES = 512 * 2**20
 DEVICE_MARGIN = 0.08
 """Fraction of the device budget kept free: cuDNN workspaces and the caching allocator's fragmentation."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
 def _read_limit(path: Path) -> int | None:
@@ -38,15 +40,40 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def host_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
-    """The process's memory limit: cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes`` when set, else (or when
-    larger) the physical memory."""
-    physical = physical_memory_bytes()
-    for path in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):
-        limit = _read_limit(path)
-        if limit is not None:
-            return min(limit, physical)
-    return physical
+def own_cgroups(proc_cgroup: Path = PROC_CGROUP) -> tuple[str | None, str | None]:
+    """This process's cgroup paths from ``/proc/self/cgroup``: (v2 unified path, v1 memory controller path), each None
+    when absent (``0::/kubepods/pod1`` and ``4:memory:/docker/abc`` lines)."""
+    unified = memory = None
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":
+            unified = path
+        elif "memory" in controllers.split(","):
+            memory = path
+    return unified, memory
+
+
+def _along(folder: Path, path: str | None) -> list[Path]:
+    """``folder`` / each prefix of the cgroup ``path``, root first (``/a/b`` -> ``folder``, ``folder/a``,
+    ``folder/a/b``); only ``folder`` when the path is unknown."""
+    parts = [p for p in (path or "").split("/") if p and p not in (".", "..")]
+    return [folder.joinpath(*parts[:depth]) for depth in range(len(parts) + 1)]
+
+
+def host_limit_bytes(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
+    """The process's memory limit: the smallest cgroup limit along its own cgroup's path (``/proc/self/cgroup``),
+    from the hierarchy's root down (v2 ``memory.max``, v1 ``memory/<path>/memory.limit_in_bytes``; a container sees
+    its own cgroup as the root, a process in a sub-cgroup of a host or a pod has its limit further down), at most the
+    physical memory."""
+    unified, memory = own_cgroups(proc_cgroup)
+    files = [folder / "memory.max" for folder in _along(cgroup_root, unified)]
+    files += [folder / "memory.limit_in_bytes" for folder in _along(cgroup_root / "memory", memory)]
+    limits = [limit for limit in map(_read_limit, files) if limit is not None]
+    return min([physical_memory_bytes(), *limits])
 
 
 def status_bytes(field: str) -> int:

@@ -13,7 +13,8 @@ trainer's own network), with these differences:
 - each selected fold gets its own copy of the network, loaded once per run and kept on the host; a
   configuration's networks are moved to the device only while it predicts (:meth:`Configuration.networks_on`);
 - checkpoints load with ``torch.load(weights_only=True)`` and the numpy globals they hold allow-listed
-  (:func:`load_checkpoint`).
+  (:func:`load_checkpoint`), and ``.model.pkl`` with an unpickler that reads only plain data
+  (:mod:`gcinfer.pipelines.amos.pickles`): a model folder never runs code.
 
 Preprocessing runs nnU-Net's own code on arrays already in memory: :func:`crop` is ``ImageCropper.crop``
 (non-zero bounding box) of the data ``load_case_from_list_of_files`` would have read, and
@@ -32,7 +33,6 @@ import copy
 import io
 import logging
 import os
-import pickle
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gcinfer.errors import InputError
+from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, cause_of, shown
 from gcinfer.io import Geometry
+from gcinfer.pipelines.amos.pickles import load_pickle
 
 
 @contextlib.contextmanager
@@ -225,7 +226,7 @@ def check_results_folder(root: Path, names: Sequence[str], folds: Sequence[int],
     """
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"{root}: model folder not found")
+        raise InputError(f"{shown(root)}: model folder not found")
     problems = []
     present = [n for n in names if (root / n).is_dir()]
     if len(present) < len(names):
@@ -233,7 +234,8 @@ def check_results_folder(root: Path, names: Sequence[str], folds: Sequence[int],
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and "__" in p.name)
         hint = f"; pass --models {' '.join(present)} to use the available ones" if present else ""
         problems.append(
-            f"configuration(s) {', '.join(missing)} missing in {root} (found: {', '.join(found) or 'none'}){hint}"
+            f"configuration(s) {', '.join(missing)} missing in {shown(root)} "
+            f"(found: {', '.join(found) or 'none'}){hint}"
         )
     for name in present:
         folder = root / name
@@ -242,12 +244,12 @@ def check_results_folder(root: Path, names: Sequence[str], folds: Sequence[int],
         if absent:
             usable = [f for f in available if f not in absent]
             hint = f"; pass --folds {' '.join(map(str, usable))} to use the available ones" if usable else ""
-            problems.append(f"{', '.join(f'fold_{f}' for f in absent)} missing in {folder}{hint}")
+            problems.append(f"{', '.join(f'fold_{f}' for f in absent)} missing in {shown(folder)}{hint}")
         for fold in (f for f in folds if f in available):
             for suffix in (".model", ".model.pkl"):
                 path = folder / f"fold_{fold}" / f"{checkpoint}{suffix}"
                 if not path.is_file():
-                    problems.append(f"{path}: file missing")
+                    problems.append(f"{shown(path)}: file missing")
     if problems:
         raise InputError("\n".join(problems))
 
@@ -263,7 +265,7 @@ def restore(
             not fit the network built from the plans.
     """
     if not names or not folds:
-        raise InputError(f"{root}: no configuration or no fold selected")
+        raise InputError(f"{shown(root)}: no configuration or no fold selected")
     check_results_folder(root, names, folds, checkpoint)
     return [restore_configuration(Path(root) / name, folds, checkpoint) for name in names]
 
@@ -296,38 +298,32 @@ def restore_configuration(folder: Path, folds: Sequence[int], checkpoint: str = 
 
 
 def load_checkpoint(path: Path) -> dict:
-    """``torch.load`` an nnU-Net v1 checkpoint onto the CPU.
+    """``torch.load`` an nnU-Net v1 checkpoint onto the CPU with ``weights_only=True``.
 
-    Current torch loads with ``weights_only=True``, which rejects the numpy scalars and dtypes nnU-Net v1 keeps
-    in a checkpoint's loss history; those are allow-listed (under numpy 2's and numpy 1's names). A checkpoint
-    holding anything else is loaded with ``weights_only=False``: the ``.model.pkl`` next to it is a plain pickle
-    that restoring must unpickle anyway, so this trusts the model folder no more than nnU-Net itself does.
+    The numpy scalars and dtypes nnU-Net v1 keeps in a checkpoint's loss history are allow-listed (under numpy 2's and
+    numpy 1's names); anything else is refused: a model folder never runs code (there is no full-pickle fallback).
 
     Raises:
-        InputError: the file cannot be read or is not a checkpoint (names the file).
+        InputError: the file cannot be read, holds other objects, or is not a checkpoint (names the file).
     """
     try:
-        try:
-            with torch.serialization.safe_globals(_NUMPY_CHECKPOINT_GLOBALS):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            log.debug("%s: weights_only load refused (%s); loading as a full pickle", path, error)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise InputError(f"{path}: cannot load checkpoint ({error})") from None
+        with torch.serialization.safe_globals(_NUMPY_CHECKPOINT_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except DESERIALIZATION_ERRORS as error:
+        raise InputError(f"{shown(path)}: cannot load checkpoint ({cause_of(error)})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise InputError(f"{path}: not an nnU-Net v1 checkpoint (no 'state_dict')")
+        raise InputError(f"{shown(path)}: not an nnU-Net v1 checkpoint (no 'state_dict')")
     return checkpoint
 
 
-def _load_pickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as stream:
-            info = pickle.load(stream)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as error:
-        raise InputError(f"{path}: cannot read ({error})") from None
+def _load_model_info(path: Path) -> dict:
+    """The ``.model.pkl`` of a fold (:func:`gcinfer.pipelines.amos.pickles.load_pickle`): trainer name, init
+    arguments, plans."""
+    info = load_pickle(path)
     if not isinstance(info, dict) or not {"name", "init", "plans"} <= set(info):
-        raise InputError(f"{path}: not an nnU-Net v1 .model.pkl (needs 'name', 'init' and 'plans')")
+        raise InputError(f"{shown(path)}: not an nnU-Net v1 .model.pkl (needs 'name', 'init' and 'plans')")
+    if not isinstance(info["init"], (tuple, list)) or not isinstance(info["plans"], dict):
+        raise InputError(f"{shown(path)}: not an nnU-Net v1 .model.pkl ('init' must be a sequence, 'plans' a dict)")
     return info
 
 
@@ -338,11 +334,11 @@ def _trainer_class(name: str, pkl_path: Path) -> type:
         trainer_class = recursive_find_python_class([search_in], name, "nnunet.training.network_training")
     if trainer_class is None:
         raise InputError(
-            f"{pkl_path}: unknown trainer '{name}' (not found in nnunet {_nnunet_version()} "
+            f"{shown(pkl_path)}: unknown trainer {name!r} (not found in nnunet {_nnunet_version()} "
             "nnunet.training.network_training)"
         )
     if not issubclass(trainer_class, nnUNetTrainer):
-        raise InputError(f"{pkl_path}: trainer '{name}' is not an nnUNetTrainer")
+        raise InputError(f"{shown(pkl_path)}: trainer {name!r} is not an nnUNetTrainer")
     return trainer_class
 
 
@@ -371,7 +367,7 @@ def _restore_trainer(pkl_path: Path) -> nnUNetTrainer:
     training machine's path, or the model folder), wraps the training loss and builds the optimizer (whose first
     construction imports ``torch._dynamo``, seconds for nothing). The trainer's log goes to ``os.devnull``.
     """
-    info = _load_pickle(pkl_path)
+    info = _load_model_info(pkl_path)
     trainer_class = _trainer_class(str(info["name"]), pkl_path)
     with quiet(), _cudnn_flags_kept():
         try:
@@ -380,14 +376,14 @@ def _restore_trainer(pkl_path: Path) -> nnUNetTrainer:
             trainer.process_plans(info["plans"])
             trainer.setup_DA_params()
             trainer.initialize_network()
-        except (KeyError, IndexError, AssertionError, TypeError, ValueError) as error:
+        except (KeyError, IndexError, AssertionError, TypeError, ValueError, AttributeError, OverflowError) as error:
             raise InputError(
-                f"{pkl_path}: cannot build {info['name']} from its init arguments and plans ({error!r})"
+                f"{shown(pkl_path)}: cannot build {info['name']!r} from its init arguments and plans ({error!r})"
             ) from None
     if not trainer.threeD:
-        raise InputError(f"{pkl_path}: a 2D configuration; only 3D configurations are supported")
+        raise InputError(f"{shown(pkl_path)}: a 2D configuration; only 3D configurations are supported")
     if getattr(trainer, "regions_class_order", None) is not None:
-        raise InputError(f"{pkl_path}: region-based training (regions_class_order) is not supported")
+        raise InputError(f"{shown(pkl_path)}: region-based training (regions_class_order) is not supported")
     return trainer
 
 
@@ -398,7 +394,9 @@ def _preprocessor(trainer: nnUNetTrainer, pkl_path: Path) -> Any:
     with quiet():
         preprocessor_class = recursive_find_python_class([search_in], name, "nnunet.preprocessing")
     if preprocessor_class is None:
-        raise InputError(f"{pkl_path}: unknown preprocessor '{name}' in the plans (not found in nnunet.preprocessing)")
+        raise InputError(
+            f"{shown(pkl_path)}: unknown preprocessor {name!r} in the plans (not found in nnunet.preprocessing)"
+        )
     return preprocessor_class(
         trainer.normalization_schemes,
         trainer.use_mask_for_norm,
@@ -416,7 +414,9 @@ def _load_weights(network: torch.nn.Module, path: Path, pkl_path: Path) -> None:
         network.load_state_dict(fixed)
     except RuntimeError as error:
         cause = str(error).strip().splitlines()[0]
-        raise InputError(f"{path}: weights do not fit the network built from {pkl_path} ({cause})") from None
+        raise InputError(
+            f"{shown(path)}: weights do not fit the network built from {shown(pkl_path)} ({cause})"
+        ) from None
 
 
 def _disable_deep_supervision(network: torch.nn.Module) -> None:

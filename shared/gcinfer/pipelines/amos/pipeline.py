@@ -51,8 +51,8 @@ from gcinfer.config import Sockets
 from gcinfer.devices import autocast_dtype_for
 from gcinfer.engine.resampling import resize_channels_trilinear
 from gcinfer.engine.tiling import predict_tiled
-from gcinfer.errors import InputError
-from gcinfer.io import Geometry, read_image, write_label_map
+from gcinfer.errors import InputError, shown
+from gcinfer.io import ImageHeader, check_finite_as, read_header, read_image, write_label_map
 from gcinfer.memory import Budget, NetworkCost, Plan
 from gcinfer.pipelines.amos import nnunet_v1
 from gcinfer.pipelines.amos.ensemble import accumulate, labels_in_image
@@ -116,18 +116,20 @@ def settings_from(args: argparse.Namespace, config: dict, source: str) -> Settin
             postprocessing=None if args.no_postprocessing else config["postprocessing"],
         )
     except (KeyError, TypeError, ValueError) as error:
-        raise InputError(f"{source}: invalid AMOS configuration (missing or malformed entry {error})") from None
+        raise InputError(f"{shown(source)}: invalid AMOS configuration (missing or malformed entry {error})") from None
     if len(settings.sockets.inputs) != 1:
-        raise InputError(f"{source}: the AMOS pipelines take exactly one input socket, got {settings.sockets.inputs}")
+        raise InputError(
+            f"{shown(source)}: the AMOS pipelines take exactly one input socket, got {settings.sockets.inputs}"
+        )
     if not 0 < settings.step_size <= 1:
-        raise InputError(f"{source}: step size must be in (0, 1], got {settings.step_size}")
+        raise InputError(f"{shown(source)}: step size must be in (0, 1], got {settings.step_size}")
     if settings.tile_batch_size < 1:
-        raise InputError(f"{source}: tile_batch_size must be at least 1, got {settings.tile_batch_size}")
+        raise InputError(f"{shown(source)}: tile_batch_size must be at least 1, got {settings.tile_batch_size}")
     if settings.postprocessing is not None:
         try:
             parse_table(settings.postprocessing)
         except ValueError as error:
-            raise InputError(f"{source}: {error}") from None
+            raise InputError(f"{shown(source)}: {error}") from None
     return settings
 
 
@@ -140,9 +142,9 @@ def load_configurations(model_dir: Path, settings: Settings) -> list[nnunet_v1.C
     configurations = nnunet_v1.restore(model_dir, settings.models, settings.folds, settings.checkpoint)
     classes = {c.name: c.num_classes for c in configurations}
     if len(set(classes.values())) != 1:
-        raise InputError(f"{model_dir}: the configurations predict different numbers of classes: {classes}")
+        raise InputError(f"{shown(model_dir)}: the configurations predict different numbers of classes: {classes}")
     if max(classes.values()) > 256:
-        raise InputError(f"{model_dir}: {max(classes.values())} classes do not fit a uint8 label map")
+        raise InputError(f"{shown(model_dir)}: {max(classes.values())} classes do not fit a uint8 label map")
     return configurations
 
 
@@ -206,35 +208,49 @@ def postprocess(labels: torch.Tensor, spacing_zyx: Sequence[float], table: dict)
     return backend_for(result).to_numpy(result)
 
 
-def plan_memory(path: Path, image: np.ndarray, geometry: Geometry, pipeline: AmosPipeline) -> Plan:
-    """Where and in which dtype the accumulators of the case read from ``path`` fit, before any prediction work.
+def plan_memory(path: Path, header: ImageHeader, pipeline: AmosPipeline) -> Plan:
+    """Where and in which dtype the accumulators of the case in ``path`` fit, from its header alone: before its voxels
+    are read (the plan's first phase) and before any prediction work.
 
     Raises:
+        InputError: an axis that nnU-Net's resampling to a configuration's spacing would leave without a voxel.
         MemoryPlanError: the case fits no choice (the message names ``path``).
     """
-    settings = pipeline.settings
+    settings, geometry = pipeline.settings, header.geometry
     case = AmosCase.of(
-        image.shape,
-        image.itemsize,
+        geometry.shape_zyx,
+        header.dtype.itemsize,
         geometry.spacing_zyx,
         pipeline.configurations,
         pipeline.network_costs,
         bool(settings.mirror_axes),
         pipeline.device,
     )
-    budget = Budget.detect(pipeline.device, held_bytes=image.nbytes)
-    return plan_amos(str(path), case, settings.tile_batch_size, budget, pipeline.device)
+    for configuration, model in zip(pipeline.configurations, case.configurations):
+        if min(model.tiling.shape) < 1:
+            raise InputError(
+                f"{shown(path)}: resampled to the spacing {tuple(configuration.target_spacing.tolist())} mm of "
+                f"{configuration.name}, its {geometry.size} voxels of {geometry.spacing} mm leave an axis without "
+                "a voxel"
+            )
+    budget = Budget.detect(pipeline.device)
+    return plan_amos(shown(path), case, settings.tile_batch_size, budget, pipeline.device)
 
 
 def predict_case(case: Case, pipeline: AmosPipeline, stages: StageLog) -> None:
-    """Segment one case and write its label map (uint8, the input's geometry); nothing else is written."""
+    """Segment one case and write its label map (uint8, the input's geometry); nothing else is written.
+
+    The memory is planned from the image's header, before its voxels are read; the voxels must be finite in float32,
+    the dtype nnU-Net's preprocessing computes in.
+    """
     (path,) = case.inputs.values()
+    plan = plan_memory(path, read_header(path), pipeline)
+    log.info(plan.line())
     with stages.stage("read"):
         image, geometry = read_image(path)
-    plan = plan_memory(path, image, geometry, pipeline)
-    log.info(plan.line())
+        check_finite_as(image, np.float32, path)
     if not image.any():
-        raise InputError(f"{path}: every voxel is 0; nnU-Net's non-zero crop would be empty")
+        raise InputError(f"{shown(path)}: every voxel is 0; nnU-Net's non-zero crop would be empty")
     with stages.stage("crop"):
         cropped = nnunet_v1.crop(image[None], geometry)
     del image

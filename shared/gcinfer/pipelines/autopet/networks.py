@@ -2,39 +2,59 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from gcinfer.errors import InputError
+from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, cause_of, shown
 from gcinfer.pipelines.autopet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+FOLDS_OR_SINGLE = "checkpoint.pt"
+"""The single checkpoint used when the model folder has no numbered folds (``0.pt``, ``1.pt``, ...)."""
 
 
 def find_checkpoints(model_dir: Path, names: Sequence[str] | None = None) -> list[Path]:
-    """The checkpoints to ensemble: ``names`` in ``model_dir``, else every ``*.pt`` there (``0.pt``, ``1.pt``, ...).
+    """The checkpoints to ensemble: ``names`` in ``model_dir``; else the numbered folds there (``0.pt``, ``1.pt``,
+    ... in numeric order), or :data:`FOLDS_OR_SINGLE` when there are none, never both. Hidden files (``._0.pt``, as
+    macOS leaves them) are not checkpoints. The choice and the files left out are logged.
 
     Raises:
-        InputError: the folder has no ``*.pt`` file, or a named checkpoint is missing.
+        InputError: a named checkpoint is missing, or no numbered fold nor ``checkpoint.pt`` (the message lists what
+            the folder holds).
     """
     model_dir = Path(model_dir)
     if names:
         paths = [model_dir / name for name in names]
-        missing = [str(p) for p in paths if not p.is_file()]
+        missing = [shown(p) for p in paths if not p.is_file()]
         if missing:
             raise InputError(f"{', '.join(missing)}: checkpoint not found")
         return paths
-    paths = sorted(model_dir.glob("*.pt"), key=_checkpoint_order)
-    if not paths:
-        raise InputError(f"{model_dir}: no *.pt checkpoint (expected 0.pt ... 4.pt or checkpoint.pt)")
-    return paths
-
-
-def _checkpoint_order(path: Path) -> tuple[bool, int, str]:
-    """Numbered folds first, in numeric order (``2.pt`` before ``10.pt``), then other names."""
-    numbered = path.stem.isdigit()
-    return not numbered, int(path.stem) if numbered else 0, path.name
+    found = sorted(p for p in model_dir.glob("*.pt") if p.is_file() and not p.name.startswith("."))
+    folds = sorted((p for p in found if p.stem.isdigit()), key=lambda p: int(p.stem))
+    single = [p for p in found if p.name == FOLDS_OR_SINGLE]
+    chosen = folds or single
+    if not chosen:
+        listed = ", ".join(shown(p.name) for p in found) or "none"
+        raise InputError(
+            f"{shown(model_dir)}: no *.pt checkpoint to use (expected 0.pt ... 4.pt or checkpoint.pt; "
+            f"found: {listed}); name them with --checkpoints"
+        )
+    left_out = [shown(p.name) for p in found if p not in chosen]
+    kind = "numbered folds" if folds else "the single checkpoint"
+    log.info(
+        "%s: using %s %s%s",
+        shown(model_dir),
+        kind,
+        ", ".join(p.name for p in chosen),
+        f" (ignored: {', '.join(left_out)})" if left_out else "",
+    )
+    return chosen
 
 
 def build_network(settings: Settings) -> nn.Module:
@@ -68,21 +88,21 @@ def checked_state_dict(path: Path, network: nn.Module) -> dict[str, torch.Tensor
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from None
+    except DESERIALIZATION_ERRORS as error:
+        raise InputError(f"{shown(path)}: cannot read checkpoint ({cause_of(error)})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("net"), dict):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise InputError(f"{path}: expected a MONAI checkpoint {{'net': state_dict}}, found keys {found}")
+        raise InputError(f"{shown(path)}: expected a MONAI checkpoint {{'net': state_dict}}, found keys {found}")
     stored = checkpoint["net"]
     aliases = _aliases(network)
     expected = network.state_dict()
     unexpected = sorted(set(stored) - set(expected))
     if unexpected:
-        raise InputError(f"{path}: unexpected key(s) in 'net': {_summarize_keys(unexpected)}")
+        raise InputError(f"{shown(path)}: unexpected key(s) in 'net': {_summarize_keys(unexpected)}")
     by_group = {aliases[key]: value for key, value in stored.items()}
     missing = sorted(set(aliases.values()) - set(by_group))
     if missing:
-        raise InputError(f"{path}: missing key(s) in 'net': {_summarize_keys(missing)}")
+        raise InputError(f"{shown(path)}: missing key(s) in 'net': {_summarize_keys(missing)}")
     complete = {key: by_group[aliases[key]] for key in expected}
     wrong = [
         f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
@@ -91,7 +111,7 @@ def checked_state_dict(path: Path, network: nn.Module) -> dict[str, torch.Tensor
     ]
     if wrong:
         shapes = _summarize_keys(wrong)
-        raise InputError(f"{path}: wrongly shaped tensor(s) in 'net' (checkpoint != network): {shapes}")
+        raise InputError(f"{shown(path)}: wrongly shaped tensor(s) in 'net' (checkpoint != network): {shapes}")
     return complete
 
 

@@ -33,8 +33,8 @@ from gcinfer.config import Sockets
 from gcinfer.devices import autocast_dtype_for
 from gcinfer.engine.spatial import SpatialPlan, plan_spatial
 from gcinfer.engine.tiling import predict_tiled
-from gcinfer.errors import InputError
-from gcinfer.io import Geometry, atomic_path, read_header, read_image, write_label_map
+from gcinfer.errors import shown
+from gcinfer.io import Geometry, ImageHeader, atomic_path, check_finite_as, read_header, read_image, write_label_map
 from gcinfer.memory import Budget, NetworkCost, Plan, network_cost
 from gcinfer.pipelines.autopet.memory import AutopetCase, plan_autopet
 from gcinfer.pipelines.autopet.networks import find_checkpoints, load_networks
@@ -144,34 +144,23 @@ def segment(
             return labels.to(torch.uint8).permute(2, 1, 0).contiguous().cpu().numpy()
 
 
-def check_companion(path: Path) -> None:
-    """A socket image the model does not read (the CT) must still be a readable 3D image; header only.
-
-    Raises:
-        InputError: unreadable or not 3D.
-    """
-    reader = read_header(path)
-    if reader.GetDimension() != 3:
-        raise InputError(f"{path}: expected a 3D image, got {reader.GetDimension()}D of size {reader.GetSize()}")
-
-
 def plan_memory(
     path: Path,
-    pet: np.ndarray,
-    geometry: Geometry,
+    header: ImageHeader,
     folds: int,
     settings: Settings,
     cost: NetworkCost,
     device: torch.device,
 ) -> Plan:
-    """Where the accumulators of the PET read from ``path`` fit, and the tile batch, before any prediction work.
+    """Where the accumulators of the PET in ``path`` fit, and the tile batch, from its header alone: before its voxels
+    are read (the plan's first phase) and before any prediction work.
 
     Raises:
         MemoryPlanError: the case fits no choice (the message names ``path``).
     """
     case = AutopetCase.of(
-        geometry,
-        pet.itemsize,
+        header.geometry,
+        header.dtype.itemsize,
         settings.target_spacing,
         settings.window,
         int(settings.network["out_channels"]),
@@ -179,8 +168,8 @@ def plan_memory(
         settings.ensemble == "vote",
         cost,
     )
-    budget = Budget.detect(device, held_bytes=pet.nbytes)
-    return plan_autopet(str(path), case, settings.tile_batch_size, budget, device)
+    budget = Budget.detect(device)
+    return plan_autopet(shown(path), case, settings.tile_batch_size, budget, device)
 
 
 def write_data_centric_json(output_dir: Path) -> Path:
@@ -208,21 +197,24 @@ class AutopetPipeline:
     network_cost: NetworkCost
 
     def describe(self) -> str:
-        names = ", ".join(p.name for p in self.checkpoints)
+        names = ", ".join(shown(p.name) for p in self.checkpoints)
         return f"checkpoint(s) {names}, ensemble {self.settings.ensemble}, device {self.device}"
 
     def predict_case(self, case: Case, stages: StageLog) -> None:
-        """Read the PET of ``case``, check its companions, plan the memory, segment, and write ``case.output``
-        atomically."""
+        """Check the headers of the companions (the CT: a readable 3D scalar image) and of the PET, plan the memory
+        from the PET's header, read the PET (finite in float32, the dtype the pipeline computes in), segment, and
+        write ``case.output`` atomically."""
         model_socket = self.sockets.inputs[0]
-        with stages.stage("read"):
-            for socket, path in case.inputs.items():
-                if socket != model_socket:
-                    check_companion(path)
-            pet, geometry = read_image(case.inputs[model_socket])
+        for socket, path in case.inputs.items():
+            if socket != model_socket:
+                read_header(path)
         path = case.inputs[model_socket]
-        plan = plan_memory(path, pet, geometry, len(self.networks), self.settings, self.network_cost, self.device)
+        header = read_header(path)
+        plan = plan_memory(path, header, len(self.networks), self.settings, self.network_cost, self.device)
         log.info(plan.line())
+        with stages.stage("read"):
+            pet, geometry = read_image(path)
+            check_finite_as(pet, np.float32, path)
         labels = segment(pet, geometry, self.networks, self.settings, self.device, stages, plan.tiling_options())
         with stages.stage("write"):
             write_label_map(case.output, labels, geometry)

@@ -3,15 +3,22 @@ parsed once."""
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from gcinfer.config import read_json
-from gcinfer.errors import InputError
+from gcinfer.errors import InputError, shown
 
 ENSEMBLES = ("vote", "mean")
 MODEL_JSON = "model.json"
 OVERRIDABLE = ("network", "window")
+MAX_WINDOW = 512
+"""Largest sliding-window edge accepted (voxels): the submission's is 128; a larger one is a typo."""
+NETWORK_CHANNELS = {"in_channels": 1, "out_channels": 2}
+"""The DynUNet's channels the pipeline is built for: the PET in, background and lesion out (the vote and the binary
+lesion mask need exactly two classes)."""
 
 
 @dataclass(frozen=True)
@@ -46,16 +53,19 @@ def load_settings(config: dict, model_dir: Path, ensemble: str | None = None, so
         InputError: a missing or malformed key (named with ``source`` or the model.json path).
     """
     merged = dict(config)
+    source = shown(source)
     overrides_path = Path(model_dir) / MODEL_JSON
     if overrides_path.is_file():
         overrides = read_json(overrides_path)
         unknown = sorted(set(overrides) - set(OVERRIDABLE))
         if unknown:
             allowed = ", ".join(OVERRIDABLE)
-            raise InputError(f"{overrides_path}: unknown key(s) {', '.join(unknown)} (allowed: {allowed})")
+            raise InputError(f"{shown(overrides_path)}: unknown key(s) {', '.join(unknown)} (allowed: {allowed})")
+        if not isinstance(overrides.get("network", {}), dict):
+            raise InputError(f"{shown(overrides_path)}: 'network' must be an object of DynUNet arguments")
         merged["network"] = {**config.get("network", {}), **overrides.get("network", {})}
         merged["window"] = overrides.get("window", config.get("window"))
-        source = f"{source} + {overrides_path}"
+        source = f"{source} + {shown(overrides_path)}"
     if ensemble is not None:
         merged["ensemble"] = ensemble
     try:
@@ -73,8 +83,45 @@ def load_settings(config: dict, model_dir: Path, ensemble: str | None = None, so
         raise InputError(f"{source}: missing key {error}") from None
     except (TypeError, ValueError) as error:
         raise InputError(f"{source}: malformed setting ({error})") from None
-    if settings.ensemble not in ENSEMBLES:
-        raise InputError(f"{source}: ensemble '{settings.ensemble}' is not one of {', '.join(ENSEMBLES)}")
-    if len(settings.window) != 3 or len(settings.target_spacing) != 3 or len(settings.percentiles) != 2:
-        raise InputError(f"{source}: window and target_spacing need 3 values, intensity_percentiles 2")
+    check_settings(settings, source)
     return settings
+
+
+def _dynunet_parameters() -> set[str]:
+    from monai.networks.nets import DynUNet
+
+    return set(inspect.signature(DynUNet).parameters)
+
+
+def check_settings(settings: Settings, source: str) -> None:
+    """Refuse settings the pipeline cannot run as meant: unknown DynUNet arguments, other channels than
+    :data:`NETWORK_CHANNELS`, a window edge outside 1 .. :data:`MAX_WINDOW`, a spacing that is not finite and
+    positive, percentiles not in 0 <= lower < upper <= 100, an overlap outside [0, 1), or no tile per batch.
+
+    Raises:
+        InputError: names ``source`` (the config file, with the model.json path when it overrides it) and the value.
+    """
+    problems = []
+    if settings.ensemble not in ENSEMBLES:
+        problems.append(f"ensemble {settings.ensemble!r} is not one of {', '.join(ENSEMBLES)}")
+    if len(settings.window) != 3 or len(settings.target_spacing) != 3 or len(settings.percentiles) != 2:
+        problems.append("window and target_spacing need 3 values, intensity_percentiles 2")
+    unknown = sorted(set(settings.network) - _dynunet_parameters())
+    if unknown:
+        problems.append(f"unknown DynUNet argument(s) {', '.join(map(repr, unknown))} in 'network'")
+    for key, expected in NETWORK_CHANNELS.items():
+        if settings.network.get(key) != expected:
+            problems.append(f"network {key} must be {expected}, got {settings.network.get(key)!r}")
+    if not all(1 <= w <= MAX_WINDOW for w in settings.window):
+        problems.append(f"window {settings.window} must have edges of 1 to {MAX_WINDOW} voxels")
+    if not all(math.isfinite(s) and s > 0 for s in settings.target_spacing):
+        problems.append(f"target_spacing {settings.target_spacing} must be finite and > 0 mm")
+    lower, upper = (*settings.percentiles, 0.0, 0.0)[:2]
+    if not 0 <= lower < upper <= 100:
+        problems.append(f"intensity_percentiles {settings.percentiles} must satisfy 0 <= lower < upper <= 100")
+    if not 0 <= settings.overlap < 1:
+        problems.append(f"overlap {settings.overlap} must be in [0, 1)")
+    if settings.tile_batch_size < 1:
+        problems.append(f"tile_batch_size {settings.tile_batch_size} must be at least 1")
+    if problems:
+        raise InputError(f"{source}: " + "; ".join(problems))
