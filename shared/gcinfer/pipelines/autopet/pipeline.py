@@ -32,11 +32,11 @@ from gcinfer.cases import Case
 from gcinfer.config import Sockets
 from gcinfer.devices import autocast_dtype_for
 from gcinfer.engine.spatial import SpatialPlan, plan_spatial
-from gcinfer.engine.tiling import predict_tiled
+from gcinfer.engine.tiling import Output, TileMemory, predict_tiled
 from gcinfer.errors import InputError
 from gcinfer.io import Geometry, atomic_path, read_header, read_image, write_label_map
 from gcinfer.memory import Budget, NetworkCost, Plan, network_cost
-from gcinfer.pipelines.autopet.memory import AutopetCase, plan_autopet
+from gcinfer.pipelines.autopet.memory import RESULT_DTYPE, AutopetCase, plan_autopet
 from gcinfer.pipelines.autopet.networks import find_checkpoints, load_networks
 from gcinfer.pipelines.autopet.settings import ENSEMBLES, Settings, load_settings
 from gcinfer.runner import StageLog
@@ -90,21 +90,19 @@ def fold_probabilities(
     network: nn.Module,
     settings: Settings,
     device: torch.device,
-    tiling: dict | None = None,
+    memory: TileMemory | None = None,
 ) -> torch.Tensor:
     """One fold: window logits on the network grid, back to the PET grid, softmax: (K, x, y, z) float32, where the
-    tiling puts its result (``tiling``: a memory plan's :meth:`~gcinfer.memory.Plan.tiling_options`; default: the
+    tiling puts its result (``memory``: a memory plan's :meth:`~gcinfer.memory.Plan.tiling_options`; default: the
     settings' tile batch, float32, on ``device``)."""
     logits = predict_tiled(
         image,
         network,
         settings.window,
-        mode="monai",
-        overlap=settings.overlap,
-        gaussian=True,
+        settings.tiling,
+        output=Output.LOGITS,
         autocast_dtype=autocast_dtype_for(device),
-        output="logits",
-        **(tiling or {"tile_batch_size": settings.tile_batch_size}),
+        memory=memory if memory is not None else TileMemory(tile_batch_size=settings.tile_batch_size),
     )
     source_logits = plan.to_source(logits)
     del logits
@@ -118,7 +116,7 @@ def segment(
     settings: Settings,
     device: torch.device,
     stages: StageLog | None = None,
-    tiling: dict | None = None,
+    memory: TileMemory | None = None,
 ) -> np.ndarray:
     """Lesion labels (z, y, x) uint8 on the PET's own grid; folds are run and inverted one by one.
 
@@ -133,7 +131,7 @@ def segment(
         total = None
         for network in networks:
             with stage("predict"):
-                probabilities = fold_probabilities(image, plan, network, settings, device, tiling)
+                probabilities = fold_probabilities(image, plan, network, settings, device, memory)
                 if settings.ensemble == "vote":
                     probabilities = probabilities.argmax(dim=0, keepdim=True).float()
                 total = probabilities if total is None else total.add_(probabilities.to(total.device))
@@ -223,7 +221,8 @@ class AutopetPipeline:
         path = case.inputs[model_socket]
         plan = plan_memory(path, pet, geometry, len(self.networks), self.settings, self.network_cost, self.device)
         log.info(plan.line())
-        labels = segment(pet, geometry, self.networks, self.settings, self.device, stages, plan.tiling_options())
+        memory = plan.tiling_options(RESULT_DTYPE)
+        labels = segment(pet, geometry, self.networks, self.settings, self.device, stages, memory)
         with stages.stage("write"):
             write_label_map(case.output, labels, geometry)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gcinfer.config import read_json
+from gcinfer.engine.tiling import MonaiTiling, TileMemory
 from gcinfer.errors import InputError
 
 ENSEMBLES = ("vote", "mean")
@@ -37,6 +38,11 @@ class Settings:
     tile_batch_size: int
     ensemble: str
     write_data_centric_json: bool
+
+    @property
+    def tiling(self) -> MonaiTiling:
+        """MONAI's sliding window at :attr:`overlap`, Gaussian blending (sw_fastedit's ``mode="gaussian"``)."""
+        return MonaiTiling(overlap=self.overlap, gaussian=True)
 
 
 def load_settings(config: dict, model_dir: Path, ensemble: str | None = None, source: str = "config") -> Settings:
@@ -77,4 +83,9 @@ def load_settings(config: dict, model_dir: Path, ensemble: str | None = None, so
         raise InputError(f"{source}: ensemble '{settings.ensemble}' is not one of {', '.join(ENSEMBLES)}")
     if len(settings.window) != 3 or len(settings.target_spacing) != 3 or len(settings.percentiles) != 2:
         raise InputError(f"{source}: window and target_spacing need 3 values, intensity_percentiles 2")
+    try:  # the engine's own checks, which name the allowed values
+        MonaiTiling(overlap=settings.overlap)
+        TileMemory(tile_batch_size=settings.tile_batch_size)
+    except ValueError as error:
+        raise InputError(f"{source}: {error}") from None
     return settings
