@@ -42,6 +42,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -58,7 +59,9 @@ from gcinfer.pipelines.amos import nnunet_v1
 from gcinfer.pipelines.amos.ensemble import accumulate, labels_in_image
 from gcinfer.pipelines.amos.memory import AmosCase, amos_network_costs, plan_amos
 from gcinfer.pipelines.amos.postprocessing import backend_for, parse_table, postprocess_organs
-from gcinfer.runner import StageLog
+
+if TYPE_CHECKING:  # the runner hands each case a StageLog; pipelines only call it
+    from gcinfer.runner import StageLog
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,7 +40,9 @@ from gcinfer.memory import Budget, NetworkCost, Plan, network_cost
 from gcinfer.pipelines.autopet.memory import RESULT_DTYPE, AutopetCase, plan_autopet
 from gcinfer.pipelines.autopet.networks import find_checkpoints, load_networks
 from gcinfer.pipelines.autopet.settings import ENSEMBLES, Settings, load_settings
-from gcinfer.runner import StageLog
+
+if TYPE_CHECKING:  # the runner hands each case a StageLog; pipelines only call it
+    from gcinfer.runner import StageLog
 
 log = logging.getLogger(__name__)
 
