@@ -44,7 +44,8 @@ with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # nn
     from nnunet.utilities.nd_softmax import softmax_helper
 from monai.inferers import sliding_window_inference
 
-from gcinfer.engine.tiling import predict_tiled, tile_starts_nnunet
+from gcinfer.engine.tiling import MonaiTiling, NnunetTiling, predict_tiled
+from gcinfer.engine.windows import tile_starts_nnunet
 
 PATCH = (64, 64, 64)
 SHAPE = (1, 96, 96, 128)  # (C, X, Y, Z): 2 x 2 x 3 tiles in both placements
@@ -120,9 +121,9 @@ def prepare(variant: str, network: nn.Module, image: torch.Tensor) -> Callable[[
 
         return floor
     if variant == "engine_nnunet":
-        return lambda: predict_tiled(image, network, PATCH, mode="nnunet", step_size=0.5, progress=False)
+        return lambda: predict_tiled(image, network, PATCH, NnunetTiling(step_size=0.5), progress=False)
     if variant == "engine_monai":
-        return lambda: predict_tiled(image, network, PATCH, mode="monai", overlap=0.5, progress=False)
+        return lambda: predict_tiled(image, network, PATCH, MonaiTiling(overlap=0.5), progress=False)
     if variant == "nnunet":
         array = image.numpy()
         return lambda: network.predict_3D(

@@ -343,7 +343,7 @@ def test_settings_merge_config_and_options() -> None:
     ("change", "message"),
     [
         (lambda c: c.pop("folds"), r"invalid AMOS configuration \(missing or malformed entry 'folds'\)"),
-        (lambda c: c.update(step_size=1.5), r"step size must be in \(0, 1\], got 1.5"),
+        (lambda c: c.update(step_size=1.5), r"step_size must be in \(0, 1\], got 1.5"),
         (
             lambda c: c["sockets"].update(inputs=["ct", "mr"]),
             r"the AMOS pipelines take exactly one input socket, got \('ct', 'mr'\)",

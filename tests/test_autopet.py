@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gcinfer import cli
+from gcinfer.engine.tiling import MonaiTiling
 from gcinfer.errors import InputError
 from gcinfer.io import read_image
 from gcinfer.pipelines.autopet.networks import build_network, checked_state_dict, find_checkpoints, load_networks
@@ -208,6 +209,19 @@ def test_model_folder_errors(tmp_path):
     (tmp_path / "10.pt").touch()
     (tmp_path / "1.pt").touch()
     assert [p.name for p in find_checkpoints(tmp_path)] == ["1.pt", "2.pt", "10.pt"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"overlap": 1.0}, r"overlap must be in \[0, 1\), got 1.0"),
+        ({"tile_batch_size": 0}, r"tile_batch_size must be at least 1, got 0"),
+    ],
+)
+def test_tiling_settings_are_checked_when_loaded(tmp_path, change, message):
+    with pytest.raises(InputError, match=f"^config.json: {message}$"):
+        load_settings({**CONFIG, **change}, tmp_path, source="config.json")
+    assert load_settings(CONFIG, tmp_path).tiling == MonaiTiling(overlap=CONFIG["overlap"], gaussian=True)
 
 
 @pytest.mark.parametrize("shape", [(1,), (2,), (7, 5, 3), (40, 31, 17)])

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gcinfer import memory
-from gcinfer.engine.tiling import predict_tiled
+from gcinfer.engine.tiling import MonaiTiling, Output, TileMemory, predict_tiled
 from gcinfer.io import Geometry
 from gcinfer.memory import budget as memory_budget
 from gcinfer.pipelines.amos import memory as amos_memory
@@ -173,7 +173,7 @@ TILING_CASES = {
     "nnunet, mirrors, batch 3": ((2, 40, 36, 44), (16, 20, 24), 4, 3, FP32, {"mirror_axes": (0, 2)}),
     "padded (smaller than the patch)": ((1, 12, 30, 10), (16, 16, 16), 3, 2, FP32, {}),
     "bf16 accumulator, float32 result": ((1, 40, 36, 44), (16, 20, 24), 5, 1, BF16, {}),
-    "monai, logits": ((1, 50, 40, 30), (24, 24, 24), 2, 4, FP32, {"mode": "monai", "overlap": 0.5, "output": "logits"}),
+    "monai, logits": ((1, 50, 40, 30), (24, 24, 24), 2, 4, FP32, {"tiling": MonaiTiling(0.5), "output": Output.LOGITS}),
 }
 
 
@@ -183,7 +183,7 @@ def test_tiling_model_bounds_what_the_engine_holds(name: str) -> None:
     network, image = Pointwise(shape[0], k).eval(), torch.randn(shape)
     measured = memory.peak_tensor_bytes(
         lambda: predict_tiled(
-            image, network, patch, tile_batch_size=batch, accumulate_dtype=dtype, progress=False, **options
+            image, network, patch, memory=TileMemory(batch, accumulate_dtype=dtype), progress=False, **options
         )
     )
     tiling = memory.Tiling(shape[1:], patch, k, shape[0], mirrored=bool(options.get("mirror_axes")))
@@ -279,6 +279,15 @@ def test_plan_line_names_both_pools_and_their_peak_phases() -> None:
         "| cuda 9.0/9.0 GiB (predict) | host 1.0/8.0 GiB (predict)"
     )
     assert plan.tiling_device == CUDA and plan.ensemble_device == CUDA
+
+
+def test_plan_hands_the_tiling_engine_its_memory_choices_as_typed_options() -> None:
+    budget = memory.Budget(int(6 * GIB), 4 * GIB)
+    plan = memory.choose("case", synthetic_phases, memory.candidates(2, amos_memory.AMOS_PRECISIONS), budget, CUDA)
+    assert plan.choice == memory.Choice(BF16, FP16, True, True, 2)
+    assert plan.tiling_options() == TileMemory(2, accumulate_dtype=BF16, result_dtype=BF16, result_device=CUDA)
+    host = memory.Plan("case", memory.Choice(BF16, FP32, False, False, 1), plan.estimate, budget, CUDA)
+    assert host.tiling_options(autopet_memory.RESULT_DTYPE) == TileMemory(1, BF16, FP32, CPU)
 
 
 # --- AMOS -------------------------------------------------------------------------------------------------------------

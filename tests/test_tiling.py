@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from gcinfer.engine.tiling import (
+    MonaiTiling,
+    NnunetTiling,
+    Output,
+    TileMemory,
     _fallback_attempts,
-    gaussian_monai,
-    gaussian_nnunet,
-    mirror_flips,
+    look_up_option,
     predict_tiled,
-    tile_starts_monai,
-    tile_starts_nnunet,
 )
+from gcinfer.engine.windows import gaussian_monai, gaussian_nnunet, mirror_flips, tile_starts_monai, tile_starts_nnunet
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # nnU-Net v1 imports scipy.ndimage.filters
@@ -199,13 +200,13 @@ NNUNET_CASES = {
 def test_parity_with_nnunet_predict_3d(architecture: str, case: str) -> None:
     shape, step, axes = NNUNET_CASES[case]
     network, image = NNUNET_NETWORKS[architecture](0), volume(shape)
-    result = predict_tiled(image, network, PATCH, mode="nnunet", step_size=step, mirror_axes=axes, progress=False)
+    result = predict_tiled(image, network, PATCH, NnunetTiling(step_size=step), mirror_axes=axes, progress=False)
     assert_close(result, nnunet_reference(network, image, step, axes))
 
 
 def test_parity_with_nnunet_without_gaussian() -> None:
     network, image = generic_unet(0), volume((CHANNELS, 37, 29, 45))
-    result = predict_tiled(image, network, PATCH, gaussian=False, progress=False)
+    result = predict_tiled(image, network, PATCH, NnunetTiling(gaussian=False), progress=False)
     assert_close(result, nnunet_reference(network, image, 0.5, (), gaussian=False))
 
 
@@ -226,19 +227,20 @@ def test_ensemble_is_the_weighted_mean_of_nnunet_predictions(weights: tuple[floa
 @pytest.mark.parametrize("batch", [1, 8])
 def test_parity_with_monai_sliding_window_inference(overlap: float, batch: int) -> None:
     network, image = dynunet(0), volume((CHANNELS, 29, 23, 37))
-    result = predict_tiled(image, network, PATCH, mode="monai", overlap=overlap, tile_batch_size=batch, progress=False)
+    tiling, memory = MonaiTiling(overlap=overlap), TileMemory(tile_batch_size=batch)
+    result = predict_tiled(image, network, PATCH, tiling, memory=memory, progress=False)
     assert_close(result, monai_reference(network, image, overlap, batch))
 
 
 def test_parity_with_monai_smaller_than_the_patch() -> None:
     network, image = dynunet(0), volume((CHANNELS, 11, 29, 13))
-    result = predict_tiled(image, network, PATCH, mode="monai", overlap=0.5, progress=False)
+    result = predict_tiled(image, network, PATCH, MonaiTiling(overlap=0.5), progress=False)
     assert_close(result, monai_reference(network, image, 0.5, 1))
 
 
 def test_parity_with_monai_constant_blending() -> None:
     network, image = dynunet(0), volume((CHANNELS, 29, 23, 37))
-    result = predict_tiled(image, network, PATCH, mode="monai", gaussian=False, progress=False)
+    result = predict_tiled(image, network, PATCH, MonaiTiling(gaussian=False), progress=False)
     with torch.inference_mode():
         reference = sliding_window_inference(
             image[None], PATCH, 1, lambda tiles: torch.softmax(network(tiles), 1), 0.25, mode="constant"
@@ -248,7 +250,7 @@ def test_parity_with_monai_constant_blending() -> None:
 
 def test_logits_are_the_weighted_mean_of_logits_as_monai() -> None:
     network, image = dynunet(0), volume((CHANNELS, 29, 23, 37))
-    result = predict_tiled(image, network, PATCH, mode="monai", output="logits", progress=False)
+    result = predict_tiled(image, network, PATCH, MonaiTiling(), output=Output.LOGITS, progress=False)
     assert_close(result, monai_reference(network, image, 0.25, 1, softmax=False))
 
 
@@ -330,7 +332,7 @@ def test_memory_does_not_grow_with_the_number_of_networks() -> None:
     peaks = []
     for count in (1, 4):
         probe = MemoryProbe(nn.Conv3d(1, CLASSES, 1), every=count)
-        predict_tiled(image, [probe] * count, (16, 16, 16), step_size=1.0, progress=False)
+        predict_tiled(image, [probe] * count, (16, 16, 16), NnunetTiling(step_size=1.0), progress=False)
         peaks.append(probe.peak)
     assert peaks[0] > accumulator_bytes  # the probe sees the accumulator
     # growth is a few tile-sized buffers (~0.2 accumulators here); one accumulator per network would add 3
@@ -341,7 +343,8 @@ def test_result_shape_dtype_device_and_eval_mode() -> None:
     network, image = generic_unet(0), volume((CHANNELS, 23, 13, 21))
     expected = predict_tiled(image, network, PATCH, progress=False)
     network.train()
-    result = predict_tiled(image, network, PATCH, device="cpu", result_device=torch.device("cpu"), progress=False)
+    memory = TileMemory(result_device=torch.device("cpu"))
+    result = predict_tiled(image, network, PATCH, device="cpu", memory=memory, progress=False)
     assert not network.training
     assert result.shape == (CLASSES, 23, 13, 21) and result.dtype == torch.float32 and result.device.type == "cpu"
     assert result.is_contiguous() and torch.equal(result, expected)
@@ -351,15 +354,17 @@ def test_result_shape_dtype_device_and_eval_mode() -> None:
 def test_tile_batch_size_does_not_change_the_result() -> None:
     network, image = fabians_unet(0), volume((CHANNELS, 29, 23, 37))
     single = predict_tiled(image, network, PATCH, mirror_axes=(1,), progress=False)
-    batched = predict_tiled(image, network, PATCH, mirror_axes=(1,), tile_batch_size=5, progress=False)
+    batched = predict_tiled(
+        image, network, PATCH, mirror_axes=(1,), memory=TileMemory(tile_batch_size=5), progress=False
+    )
     assert (single - batched).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize(
     "options, tolerance",
     [
-        ({"accumulate_dtype": torch.float64}, 1e-6),
-        ({"accumulate_dtype": torch.bfloat16}, 2e-2),
+        ({"memory": TileMemory(accumulate_dtype=torch.float64)}, 1e-6),
+        ({"memory": TileMemory(accumulate_dtype=torch.bfloat16)}, 2e-2),
         ({"autocast_dtype": torch.bfloat16}, 5e-2),
         ({"autocast_dtype": torch.float16}, 1e-2),
     ],
@@ -375,36 +380,80 @@ def test_reduced_and_extended_precision(options: dict, tolerance: float) -> None
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(capsys) -> None:
     network, image = nn.Conv3d(1, CLASSES, 1), volume((1, 32, 24, 20))
-    predict_tiled(image, network, (16, 12, 20), step_size=1.0, progress=True)
+    tiling = NnunetTiling(step_size=1.0)
+    predict_tiled(image, network, (16, 12, 20), tiling, progress=True)
     assert "4/4" in capsys.readouterr().err
-    predict_tiled(image, network, (16, 12, 20), step_size=1.0)  # pytest's stderr is not a terminal
-    predict_tiled(image, network, (16, 12, 20), step_size=1.0, progress=False)
+    predict_tiled(image, network, (16, 12, 20), tiling)  # pytest's stderr is not a terminal
+    predict_tiled(image, network, (16, 12, 20), tiling, progress=False)
     assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(
-    "arguments",
+    ("arguments", "message"),
     [
-        {"image": torch.zeros(1, 8, 8)},
-        {"image": torch.zeros(1, 8, 8, 8, dtype=torch.int16)},
-        {"patch_size": (4, 4)},
-        {"mode": "tiled"},
-        {"step_size": 0.0},
-        {"mode": "monai", "overlap": 1.0},
-        {"mirror_axes": (3,)},
-        {"mirror_axes": (0, 0)},
-        {"tile_batch_size": 0},
-        {"accumulate_dtype": torch.float16},
-        {"accumulate_dtype": torch.int32},
-        {"output": "labels"},
-        {"weights": (1.0, 2.0)},
-        {"networks": []},
+        (
+            {"image": torch.zeros(1, 8, 8)},
+            r"image must be a floating \(C, X, Y, Z\) tensor, got torch.float32 \(1, 8, 8\)",
+        ),
+        (
+            {"image": torch.zeros(1, 8, 8, 8, dtype=torch.int16)},
+            r"image must be a floating .* got torch.int16 \(1, 8, 8, 8\)",
+        ),
+        ({"patch_size": (4, 4)}, r"patch_size must be 3 positive ints, got \(4, 4\)"),
+        ({"tiling": "monai"}, r"tiling must be one of NnunetTiling, MonaiTiling, got 'monai'"),
+        ({"mirror_axes": (3,)}, r"mirror_axes must be distinct spatial axes among 0, 1, 2, got \(3,\)"),
+        ({"mirror_axes": (0, 0)}, r"mirror_axes must be distinct spatial axes among 0, 1, 2, got \(0, 0\)"),
+        ({"output": "labels"}, r"output must be one of 'probabilities', 'logits', got 'labels'"),
+        ({"weights": (1.0, 2.0)}, r"weights must be 1 non-negative numbers with a positive sum, got \[1.0, 2.0\]"),
+        ({"networks": []}, r"at least one network is needed"),
     ],
 )
-def test_invalid_arguments_are_refused(arguments: dict) -> None:
+def test_invalid_arguments_are_refused(arguments: dict, message: str) -> None:
     call = {"image": torch.zeros(1, 8, 8, 8), "networks": nn.Conv3d(1, 2, 1), "patch_size": (4, 4, 4)} | arguments
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"^{message}$"):
         predict_tiled(call.pop("image"), call.pop("networks"), call.pop("patch_size"), **call)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: NnunetTiling(step_size=0.0), r"step_size must be in \(0, 1\], got 0.0"),
+        (lambda: NnunetTiling(step_size=1.5), r"step_size must be in \(0, 1\], got 1.5"),
+        (lambda: MonaiTiling(overlap=1.0), r"overlap must be in \[0, 1\), got 1.0"),
+        (lambda: MonaiTiling(overlap=-0.1), r"overlap must be in \[0, 1\), got -0.1"),
+        (lambda: TileMemory(tile_batch_size=0), r"tile_batch_size must be at least 1, got 0"),
+        (
+            lambda: TileMemory(accumulate_dtype=torch.int32),
+            r"accumulate_dtype must be one of torch.float32, torch.bfloat16, torch.float64, got torch.int32 \(",
+        ),
+        (lambda: TileMemory(result_dtype=torch.uint8), r"result_dtype must be a floating dtype, got torch.uint8"),
+    ],
+)
+def test_invalid_options_are_refused_when_made_with_the_allowed_values(make, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{message}"):
+        make()
+
+
+def test_each_mode_takes_only_its_own_placement_option() -> None:
+    assert NnunetTiling() == NnunetTiling(step_size=0.5, gaussian=True)
+    assert MonaiTiling() == MonaiTiling(overlap=0.25, gaussian=True)
+    with pytest.raises(TypeError, match="overlap"):
+        NnunetTiling(overlap=0.5)
+    with pytest.raises(TypeError, match="step_size"):
+        MonaiTiling(step_size=0.5)
+
+
+def test_look_up_option_returns_the_enum_member_or_names_the_allowed_values() -> None:
+    assert look_up_option("output", "logits", Output) is Output.LOGITS
+    assert look_up_option("output", Output.PROBABILITIES, Output) is Output.PROBABILITIES
+    assert look_up_option("dtype", torch.bfloat16, (torch.float32, torch.bfloat16)) is torch.bfloat16
+    with pytest.raises(ValueError, match=r"^dtype must be one of torch.float32, got torch.float16 \(why\)$"):
+        look_up_option("dtype", torch.float16, (torch.float32,), " (why)")
+
+
+def test_memory_options_keep_their_device_as_a_torch_device() -> None:
+    assert TileMemory(result_device="cpu").result_device == torch.device("cpu")
+    assert TileMemory().result_device is None
 
 
 def test_float16_accumulation_is_refused_because_gaussian_corners_underflow() -> None:
@@ -413,4 +462,4 @@ def test_float16_accumulation_is_refused_because_gaussian_corners_underflow() ->
     corner = gaussian_nnunet((64, 64, 64))[0, 0, 0]
     assert 0 < corner < 2**-24 and corner.to(torch.float16) == 0 and corner.to(torch.bfloat16) > 0
     with pytest.raises(ValueError, match=r"accumulate_dtype must be one of .* got torch.float16 \(float16 flushes"):
-        predict_tiled(torch.zeros(1, 8, 8, 8), nn.Conv3d(1, 2, 1), (4, 4, 4), accumulate_dtype=torch.float16)
+        TileMemory(accumulate_dtype=torch.float16)

@@ -38,7 +38,8 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 
-from gcinfer.engine.tiling import predict_tiled, tile_starts_monai, tile_starts_nnunet
+from gcinfer.engine.tiling import MonaiTiling, NnunetTiling, TileMemory, TilingMode, predict_tiled
+from gcinfer.engine.windows import tile_starts_monai, tile_starts_nnunet
 
 TOLERANCE = 1e-4  # parity with the references (as tests/test_tiling.py)
 EXACT = 1e-5  # float32 rounding of sums of a few terms
@@ -101,11 +102,11 @@ def volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def mode_options(data: st.DataObject, mode: str) -> dict:
-    """Random placement options for ``mode``: a step (nnunet) or an overlap (monai)."""
+def random_tiling(data: st.DataObject, mode: str, gaussian: bool = True) -> TilingMode:
+    """Random tiling options for ``mode``: a step (nnunet) or an overlap (monai)."""
     if mode == "nnunet":
-        return {"mode": mode, "step_size": data.draw(steps, label="step_size")}
-    return {"mode": mode, "overlap": data.draw(overlaps, label="overlap")}
+        return NnunetTiling(data.draw(steps, label="step_size"), gaussian)
+    return MonaiTiling(data.draw(overlaps, label="overlap"), gaussian)
 
 
 # --- shape and distribution ---------------------------------------------------------------------------------------
@@ -119,11 +120,10 @@ def test_result_is_a_probability_map_of_the_volume_shape(shape, patch, k, axes, 
         volume(shape),
         conv_net(shape[0], k),
         patch,
+        random_tiling(data, mode, gaussian),
         mirror_axes=axes,
-        tile_batch_size=batch,
-        gaussian=gaussian,
+        memory=TileMemory(tile_batch_size=batch),
         progress=False,
-        **mode_options(data, mode),
     )
     assert result.shape == (k, *shape[1:]) and result.dtype == torch.float32
     assert torch.isfinite(result).all()
@@ -155,13 +155,12 @@ def test_pointwise_network_gives_the_untiled_prediction(shape, patch, k, axes, b
         image,
         networks,
         patch,
+        random_tiling(data, mode, gaussian),
         mirror_axes=axes,
-        tile_batch_size=batch,
-        gaussian=gaussian,
+        memory=TileMemory(tile_batch_size=batch),
         weights=weights,
         output=output,
         progress=False,
-        **mode_options(data, mode),
     )
     with torch.inference_mode():
         per_network = [n(image[None])[0] for n in networks]
@@ -176,10 +175,10 @@ def test_pointwise_network_gives_the_untiled_prediction(shape, patch, k, axes, b
 @given(shape=volumes, patch=patches, axes=mirror_axes, batch=st.integers(2, 9), data=st.data())
 def test_tile_batch_size_does_not_change_the_result(shape, patch, axes, batch, data) -> None:
     mode = data.draw(st.sampled_from(("nnunet", "monai")), label="mode")
-    options = mode_options(data, mode)
+    tiling, memory = random_tiling(data, mode), TileMemory(tile_batch_size=batch)
     network, image = conv_net(shape[0], 3), volume(shape)
-    single = predict_tiled(image, network, patch, mirror_axes=axes, progress=False, **options)
-    batched = predict_tiled(image, network, patch, mirror_axes=axes, tile_batch_size=batch, progress=False, **options)
+    single = predict_tiled(image, network, patch, tiling, mirror_axes=axes, progress=False)
+    batched = predict_tiled(image, network, patch, tiling, mirror_axes=axes, memory=memory, progress=False)
     assert (single - batched).abs().max().item() <= EXACT
 
 
@@ -227,9 +226,7 @@ def assert_close(result: torch.Tensor, reference: torch.Tensor) -> None:
 @given(shape=volumes, patch=patches, step=steps, axes=mirror_axes, k=classes, gaussian=st.booleans())
 def test_parity_with_nnunet_predict_3d(shape, patch, step, axes, k, gaussian) -> None:
     network, image = conv_net(shape[0], k), volume(shape)
-    result = predict_tiled(
-        image, network, patch, mode="nnunet", step_size=step, mirror_axes=axes, gaussian=gaussian, progress=False
-    )
+    result = predict_tiled(image, network, patch, NnunetTiling(step, gaussian), mirror_axes=axes, progress=False)
     reference = network.predict_3D(
         image.numpy(),
         do_mirroring=bool(axes),
@@ -249,9 +246,8 @@ def test_parity_with_nnunet_predict_3d(shape, patch, step, axes, k, gaussian) ->
 @given(shape=volumes, patch=patches, overlap=overlaps, batch=batches, k=classes, gaussian=st.booleans())
 def test_parity_with_monai_sliding_window_inference(shape, patch, overlap, batch, k, gaussian) -> None:
     network, image = conv_net(shape[0], k), volume(shape)
-    result = predict_tiled(
-        image, network, patch, mode="monai", overlap=overlap, tile_batch_size=batch, gaussian=gaussian, progress=False
-    )
+    tiling, memory = MonaiTiling(overlap, gaussian), TileMemory(tile_batch_size=batch)
+    result = predict_tiled(image, network, patch, tiling, memory=memory, progress=False)
     with torch.inference_mode():
         reference = sliding_window_inference(
             image[None],

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from gcinfer.engine.tiling import TileMemory
 from gcinfer.errors import InputError
 from gcinfer.memory.budget import GIB, Budget
 
@@ -148,13 +149,16 @@ class Plan:
     def ensemble_device(self) -> torch.device:
         return self.device if self.choice.ensemble_on_device else torch.device("cpu")
 
-    def tiling_options(self) -> dict:
-        """The :func:`~gcinfer.engine.tiling.predict_tiled` keyword arguments of this plan (batch, dtype, device)."""
-        return {
-            "tile_batch_size": self.choice.tile_batch_size,
-            "accumulate_dtype": self.choice.tiling_dtype,
-            "result_device": self.tiling_device,
-        }
+    def tiling_options(self, result_dtype: torch.dtype | None = None) -> TileMemory:
+        """This plan's memory choices for :func:`~gcinfer.engine.tiling.predict_tiled`: the tile batch, the
+        accumulator in the tiling dtype on :attr:`tiling_device`, and the result in ``result_dtype`` (None: the
+        tiling dtype, no cast copy; the pipeline's phases model the same dtype)."""
+        return TileMemory(
+            tile_batch_size=self.choice.tile_batch_size,
+            accumulate_dtype=self.choice.tiling_dtype,
+            result_dtype=self.choice.tiling_dtype if result_dtype is None else result_dtype,
+            result_device=self.tiling_device,
+        )
 
     def line(self) -> str:
         """One log line: ``case: memory plan: tiling fp32 on cuda, ... | cuda 9.1/13.6 GiB (predict 2) | host ...``."""

@@ -65,9 +65,9 @@ with quiet(), warnings.catch_warnings():
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "model_final_checkpoint"
+"""Checkpoint name inside each ``fold_<k>`` folder, as the AMOS 2022 inference used."""
 MASK_FREE_SCHEMES = ("CT", "CT2", "noNorm")
 """nnU-Net v1 normalisation schemes that ignore the non-zero mask unless ``use_mask_for_norm`` asks for it."""
-"""Checkpoint name inside each ``fold_<k>`` folder, as the AMOS 2022 inference used."""
 
 _NUMPY_CHECKPOINT_GLOBALS = [
     np._core.multiarray.scalar,

@@ -42,6 +42,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ from gcinfer.cases import Case
 from gcinfer.config import Sockets
 from gcinfer.devices import autocast_dtype_for
 from gcinfer.engine.resampling import resize_channels_trilinear
-from gcinfer.engine.tiling import predict_tiled
+from gcinfer.engine.tiling import NnunetTiling, TileMemory, predict_tiled
 from gcinfer.errors import InputError, shown
 from gcinfer.io import ImageHeader, check_finite_as, read_header, read_image, write_label_map
 from gcinfer.memory import Budget, NetworkCost, Plan
@@ -58,9 +59,11 @@ from gcinfer.pipelines.amos import nnunet_v1
 from gcinfer.pipelines.amos.ensemble import accumulate, labels_in_image
 from gcinfer.pipelines.amos.memory import AmosCase, amos_network_costs, plan_amos
 from gcinfer.pipelines.amos.postprocessing import backend_for, parse_table, postprocess_organs
-from gcinfer.runner import StageLog
 
-log = logging.getLogger("gcinfer")
+if TYPE_CHECKING:  # the runner hands each case a StageLog; pipelines only call it
+    from gcinfer.runner import StageLog
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class Settings:
     mirror_axes: tuple[int, ...]
     tile_batch_size: int
     postprocessing: dict | None
+
+    @property
+    def tiling(self) -> NnunetTiling:
+        """nnU-Net v1's tiling at :attr:`step_size`, Gaussian weighting on."""
+        return NnunetTiling(step_size=self.step_size, gaussian=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,10 +129,11 @@ def settings_from(args: argparse.Namespace, config: dict, source: str) -> Settin
         raise InputError(
             f"{shown(source)}: the AMOS pipelines take exactly one input socket, got {settings.sockets.inputs}"
         )
-    if not 0 < settings.step_size <= 1:
-        raise InputError(f"{shown(source)}: step size must be in (0, 1], got {settings.step_size}")
-    if settings.tile_batch_size < 1:
-        raise InputError(f"{shown(source)}: tile_batch_size must be at least 1, got {settings.tile_batch_size}")
+    try:  # the engine's own checks, which name the allowed values
+        NnunetTiling(step_size=settings.step_size)
+        TileMemory(tile_batch_size=settings.tile_batch_size)
+    except ValueError as error:
+        raise InputError(f"{shown(source)}: {error}") from None
     if settings.postprocessing is not None:
         try:
             parse_table(settings.postprocessing)
@@ -153,7 +162,7 @@ def ensemble_probabilities(
 ) -> torch.Tensor:
     """Each configuration's mean softmax over folds and mirrors, on the crop, accumulated (:func:`accumulate`).
 
-    The tiling accumulates in ``plan``'s tiling dtype on ``plan.tiling_device``; the ensemble is
+    The tiling accumulates and returns in ``plan``'s tiling dtype on ``plan.tiling_device``; the ensemble is
     ``plan.choice.ensemble_dtype`` on ``plan.ensemble_device``.
 
     Returns:
@@ -171,15 +180,10 @@ def ensemble_probabilities(
                 image,
                 networks,
                 configuration.patch_size,
-                mode="nnunet",
-                step_size=settings.step_size,
+                settings.tiling,
                 mirror_axes=settings.mirror_axes,
-                gaussian=True,
-                tile_batch_size=choice.tile_batch_size,
                 autocast_dtype=autocast_dtype_for(device),
-                accumulate_dtype=choice.tiling_dtype,
-                result_dtype=choice.tiling_dtype,
-                result_device=plan.tiling_device,
+                memory=plan.tiling_options(),
                 progress=False,
             )
         del image

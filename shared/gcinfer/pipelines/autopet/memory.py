@@ -28,6 +28,8 @@ from gcinfer.memory.tiling import Tiling, tiling_phases
 
 AUTOPET_PRECISIONS = ((torch.float32, torch.float32), (REDUCED_DTYPE, torch.float32))
 """AutoPET (tiling dtype, fold accumulator dtype), preferred first."""
+RESULT_DTYPE = torch.float32
+"""The tiled logits' dtype whatever the tiling accumulates in: they are resampled to the PET grid in float32."""
 GRID_SAMPLE_BYTES = MAX_GRID_VOXELS * 16
 """``gcinfer.engine.spatial.resample``: one slab of sampling coordinates (3 x float32) and samples."""
 
@@ -124,7 +126,7 @@ def autopet_phases(case: AutopetCase, choice: Choice) -> list[Phase]:
         sum_so_far = running if fold > 1 else Buffer("running sum", 0, on)
         phases += numbered(
             [
-                *tiling_phases(tiling, choice, case.network, torch.float32, 0, (pet, sum_so_far)),
+                *tiling_phases(tiling, choice, case.network, RESULT_DTYPE, 0, (pet, sum_so_far)),
                 Phase(
                     "to PET grid",
                     (

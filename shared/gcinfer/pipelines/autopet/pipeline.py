@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,14 +33,16 @@ from gcinfer.cases import Case
 from gcinfer.config import Sockets
 from gcinfer.devices import autocast_dtype_for
 from gcinfer.engine.spatial import SpatialPlan, plan_spatial
-from gcinfer.engine.tiling import predict_tiled
+from gcinfer.engine.tiling import Output, TileMemory, predict_tiled
 from gcinfer.errors import shown
 from gcinfer.io import Geometry, ImageHeader, atomic_path, check_finite_as, read_header, read_image, write_label_map
 from gcinfer.memory import Budget, NetworkCost, Plan, network_cost
-from gcinfer.pipelines.autopet.memory import AutopetCase, plan_autopet
+from gcinfer.pipelines.autopet.memory import RESULT_DTYPE, AutopetCase, plan_autopet
 from gcinfer.pipelines.autopet.networks import find_checkpoints, load_networks
 from gcinfer.pipelines.autopet.settings import ENSEMBLES, Settings, load_settings
-from gcinfer.runner import StageLog
+
+if TYPE_CHECKING:  # the runner hands each case a StageLog; pipelines only call it
+    from gcinfer.runner import StageLog
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +93,19 @@ def fold_probabilities(
     network: nn.Module,
     settings: Settings,
     device: torch.device,
-    tiling: dict | None = None,
+    memory: TileMemory | None = None,
 ) -> torch.Tensor:
     """One fold: window logits on the network grid, back to the PET grid, softmax: (K, x, y, z) float32, where the
-    tiling puts its result (``tiling``: a memory plan's :meth:`~gcinfer.memory.Plan.tiling_options`; default: the
+    tiling puts its result (``memory``: a memory plan's :meth:`~gcinfer.memory.Plan.tiling_options`; default: the
     settings' tile batch, float32, on ``device``)."""
     logits = predict_tiled(
         image,
         network,
         settings.window,
-        mode="monai",
-        overlap=settings.overlap,
-        gaussian=True,
+        settings.tiling,
+        output=Output.LOGITS,
         autocast_dtype=autocast_dtype_for(device),
-        output="logits",
-        **(tiling or {"tile_batch_size": settings.tile_batch_size}),
+        memory=memory if memory is not None else TileMemory(tile_batch_size=settings.tile_batch_size),
     )
     source_logits = plan.to_source(logits)
     del logits
@@ -118,7 +119,7 @@ def segment(
     settings: Settings,
     device: torch.device,
     stages: StageLog | None = None,
-    tiling: dict | None = None,
+    memory: TileMemory | None = None,
 ) -> np.ndarray:
     """Lesion labels (z, y, x) uint8 on the PET's own grid; folds are run and inverted one by one.
 
@@ -133,7 +134,7 @@ def segment(
         total = None
         for network in networks:
             with stage("predict"):
-                probabilities = fold_probabilities(image, plan, network, settings, device, tiling)
+                probabilities = fold_probabilities(image, plan, network, settings, device, memory)
                 if settings.ensemble == "vote":
                     probabilities = probabilities.argmax(dim=0, keepdim=True).float()
                 total = probabilities if total is None else total.add_(probabilities.to(total.device))
@@ -215,7 +216,8 @@ class AutopetPipeline:
         with stages.stage("read"):
             pet, geometry = read_image(path)
             check_finite_as(pet, np.float32, path)
-        labels = segment(pet, geometry, self.networks, self.settings, self.device, stages, plan.tiling_options())
+        memory = plan.tiling_options(RESULT_DTYPE)
+        labels = segment(pet, geometry, self.networks, self.settings, self.device, stages, memory)
         with stages.stage("write"):
             write_label_map(case.output, labels, geometry)
 

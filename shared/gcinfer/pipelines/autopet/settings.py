@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gcinfer.config import read_json
+from gcinfer.engine.tiling import MonaiTiling
 from gcinfer.errors import InputError, shown
 
 ENSEMBLES = ("vote", "mean")
@@ -44,6 +45,11 @@ class Settings:
     tile_batch_size: int
     ensemble: str
     write_data_centric_json: bool
+
+    @property
+    def tiling(self) -> MonaiTiling:
+        """MONAI's sliding window at :attr:`overlap`, Gaussian blending (sw_fastedit's ``mode="gaussian"``)."""
+        return MonaiTiling(overlap=self.overlap, gaussian=True)
 
 
 def load_settings(config: dict, model_dir: Path, ensemble: str | None = None, source: str = "config") -> Settings:
