@@ -214,8 +214,8 @@ def test_model_folder_errors(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"overlap": 1.0}, r"overlap must be in \[0, 1\), got 1.0"),
-        ({"tile_batch_size": 0}, r"tile_batch_size must be at least 1, got 0"),
+        ({"overlap": 1.0}, r"overlap 1.0 must be in \[0, 1\)"),
+        ({"tile_batch_size": 0}, r"tile_batch_size 0 must be at least 1"),
     ],
 )
 def test_tiling_settings_are_checked_when_loaded(tmp_path, change, message):
