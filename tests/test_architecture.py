@@ -24,13 +24,23 @@ MAX_MODULE_LINES = 500
 DEVELOPMENT = re.compile(r"(^|_)(fixtures?|checks|staging|demo|preview|references?|oracles?|metrics|training)(_|$)")
 """A module name part of the development tools (``gcinfer_dev``), e.g. ``fixtures`` or ``autopet_reference``."""
 LAYERS = (
-    ("gcinfer.errors", "gcinfer.config", "gcinfer.io", "gcinfer.cases", "gcinfer.devices"),
+    (
+        "gcinfer.errors",
+        "gcinfer.config",
+        "gcinfer.headers",
+        "gcinfer.io",
+        "gcinfer.cases",
+        "gcinfer.devices",
+        "gcinfer.memory.budget",
+    ),
     ("gcinfer.engine",),
     ("gcinfer.memory",),
     ("gcinfer.pipelines",),
     ("gcinfer.runner", "gcinfer.cli", "gcinfer.entrypoint", "gcinfer"),
 )
-"""Bottom first: a module may import its own layer and the layers below it (``TYPE_CHECKING`` imports aside)."""
+"""Bottom first: a module may import its own layer and the layers below it (``TYPE_CHECKING`` imports aside).
+The memory budget probes (:mod:`gcinfer.memory.budget`: cgroup, rlimits, free device memory) are the operating
+system's answers, read by the I/O layer too (an image's voxels against the host's budget, before reading them)."""
 
 
 @pytest.fixture(scope="module")

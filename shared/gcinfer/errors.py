@@ -32,6 +32,10 @@ class InputError(Exception):
     """A problem with one input, model or output file; the message names the file and the cause."""
 
 
+class MemoryPlanError(InputError):
+    """A case that cannot fit in memory with any choice; the message names the file and the sizes."""
+
+
 class UsageError(Exception):
     """A command-line choice this machine cannot honour (e.g. ``--device cuda`` without CUDA); stops the run."""
 

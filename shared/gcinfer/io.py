@@ -21,10 +21,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from gcinfer.errors import InputError, shown
+from gcinfer.errors import InputError, MemoryPlanError, shown
 from gcinfer.headers import NIFTI_HEADER_BYTES, check_nifti_length, metaimage_header
 from gcinfer.memory.budget import GIB, Budget
-from gcinfer.memory.model import MemoryPlanError
 
 IMAGE_SUFFIXES = (".mha", ".nii.gz", ".nii")
 MIN_SPACING_MM = 1e-3

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from gcinfer.engine.tiling import TileMemory
-from gcinfer.errors import InputError
+from gcinfer.errors import MemoryPlanError
 from gcinfer.memory.budget import GIB, Budget
 
 REDUCED_DTYPE = torch.bfloat16
@@ -32,10 +32,6 @@ REDUCED_DTYPE = torch.bfloat16
 float16 flushes to 0, so that the volume's corners divide 0 by 0 (NaN) and its edges lose all precision."""
 WRITE_PER_VOXEL = 2
 """``gcinfer.io.write_label_map``: the SimpleITK image and the compression buffer."""
-
-
-class MemoryPlanError(InputError):
-    """A case that cannot fit in memory with any choice; the message names the file and the sizes."""
 
 
 @dataclass(frozen=True)
