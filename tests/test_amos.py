@@ -1,12 +1,13 @@
 """AMOS 2022 pipelines (``gcinfer amos-task1|amos-task2``) end to end on the fixture models and phantoms.
 
 - Dice against the phantoms' ground truth (mean organ Dice >= 0.8 per case);
-- parity with the reference pipeline (upstream's flow from nnU-Net v1's own pieces on the CPU, see
-  ``amos_reference.py``) on the same models and the zero-bordered task 1 sample case (all configurations, folds 0 1,
-  mirroring, post-processing): >= 99.5 % identical voxels, Dice >= 0.98 per present label;
+- parity with the reference pipeline (upstream's flow from nnU-Net v1's own pieces on the CPU and the oracle's own
+  transcription of upstream's post-processing, see :mod:`gcinfer_dev.references.amos`) on the same models and the
+  zero-bordered sample case of each task (all configurations, folds 0 1, mirroring, post-processing): at most 1
+  differing voxel, same size, spacing, origin and direction;
 - geometry (anisotropic spacing, permuted direction, image smaller than the patch, non-zero box a small part of the
-  image): output geometry == input geometry exactly, uint8, background outside the non-zero box, and equal to the
-  reference;
+  image): output geometry == input geometry exactly, uint8, background outside the non-zero box, and at most 1 voxel
+  different from the reference;
 - only the final label maps are written (output folder, TMPDIR, model folder checked), a failing case is reported
   and skipped, missing folds or configurations give the documented errors.
 
@@ -120,7 +121,7 @@ def references(fixtures_dir, tmp_path_factory) -> dict[str, dict[str, Path]]:
         (case,) = [p for p in inputs_of(fixtures_dir, task) if has_zero_face(read_image(p)[0])]
         config, work = CONFIGS[task], tmp_path_factory.mktemp(f"{task}_reference")
         models = copy_models(fixtures_dir / f"amos_{task}" / "model", config["models"], work / "models")
-        outputs[task] = run_reference(models, config["models"], FOLDS, [case], work / "run", config["postprocessing"])
+        outputs[task] = run_reference(models, config["models"], FOLDS, [case], work / "run", postprocessing=task)
     return outputs
 
 
@@ -167,6 +168,7 @@ def test_parity_with_reference(task, task1_run, task2_run, references) -> None:
         print(f"{task} {name}: {differing} of {reference.size} voxels differ")
         assert geometry.shape_zyx == reference_geometry.shape_zyx
         np.testing.assert_allclose(geometry.spacing, reference_geometry.spacing, rtol=1e-6)
+        np.testing.assert_allclose(geometry.origin, reference_geometry.origin, rtol=0, atol=1e-4)
         np.testing.assert_allclose(geometry.direction, reference_geometry.direction, atol=1e-6)
         assert differing <= 1
 
@@ -284,7 +286,9 @@ def test_edge_geometry_and_parity(name, edge_cases) -> None:
     labels, output_geometry = read_image(path)
     assert output_geometry == geometry
     reference, _ = read_image(edge_cases["reference"][case_name(path)])
-    assert np.mean(labels == reference) >= 0.995
+    differing = int(np.count_nonzero(labels != reference))
+    print(f"{name}: {differing} of {reference.size} voxels differ from the reference")
+    assert differing <= 1  # as in test_parity_with_reference (0 observed on all three)
     if name == "boxed.nii.gz":
         outside = np.ones(labels.shape, dtype=bool)
         outside[edge_cases["box"]] = False
