@@ -175,7 +175,8 @@ def test_parity_with_reference(task, task1_run, task2_run, references) -> None:
 
 @pytest.mark.parametrize(
     ("precision", "minimum"),
-    [((torch.float32, torch.float16), 0.99995), ((torch.bfloat16, torch.float16), 0.9995)],
+    # observed on the fixture cases: 99.9992 % (fp16 ensemble), 99.9960 % (bf16 tiling); limits: 2.5x those mismatches
+    [((torch.float32, torch.float16), 0.99998), ((torch.bfloat16, torch.float16), 0.9999)],
     ids=["fp16-ensemble", "bf16-tiling"],
 )
 def test_reduced_precision_plans_stay_close_to_the_exact_run(
