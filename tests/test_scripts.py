@@ -347,7 +347,13 @@ def test_test_sh_local_passes_on_the_fixtures(fixtures_dir: Path) -> None:
         ("amos_task2", "grand-challenge", "pass"),
         ("autopet2", "grand-challenge", "pass"),
     ]
-    assert all("identical to the library" in line for line in result.stdout.splitlines()[-3:])
+    assert all(
+        "identical to gcinfer.cli (same code, same host: an entry-point check)" in line
+        for line in result.stdout.splitlines()[-3:]
+    )
+    assert "--local: outputs are compared with gcinfer.cli's on the same host, i.e. the library with itself" in (
+        result.stderr
+    )
 
 
 def test_test_autopet_sh_local_scores_a_three_study_dataset(tmp_path: Path, fixtures_dir: Path) -> None:
