@@ -4,7 +4,9 @@
 # Usage: ./test.sh [NAME...] [--local] [--no-build] [--fixtures DIR] [--keep]
 #   NAME        amos_task1, amos_task2, autopet2 (default: all)
 #   --local     run the same entry points (docker/<name>/run_inference.py) on the host, no container engine
-#               (the grand-challenge runs only)
+#               (the grand-challenge runs only); the comparison with the library's host run is then of the same
+#               code on the same host: it checks the entry point, sockets and files, not the numerics (make test
+#               checks those against nnU-Net v1 and MONAI)
 #   --no-build  test the images as they are (default: ./build.sh NAME... first)
 #   --fixtures  test inputs and models (default .cache/fixtures; made by `gcinfer make-fixtures` when missing)
 #   --keep      keep the work folder .cache/test-sh (inputs, outputs, logs); default: removed when all pass
@@ -116,7 +118,7 @@ check_run() {
     local name=$1 mode=$2 seconds=$3 input=$4 output=$5 reference=$6 report=$5.check
     if "$PY" -m gcinfer_dev.checks outputs "$name" --config "$ROOT/docker/$name/config.json" --input "$input" \
         --output "$output" --reference "$reference" --labels "$FIXTURES/$name/labels" \
-        --max-mismatch "$MAX_MISMATCH" >"$report" 2>&1; then
+        --max-mismatch "$MAX_MISMATCH" --reference-name "$REFERENCE_NAME" >"$report" 2>&1; then
         record "$name" "$mode" pass "$seconds" "$(tail -n 1 "$report")"
     else
         sed 's/^/    /' "$report" >&2
@@ -216,7 +218,11 @@ main() {
     FIXTURES=$(mkdir -p "$FIXTURES" && cd "$FIXTURES" && pwd)
     GPU=()
     MAX_MISMATCH=0
-    if [[ $LOCAL -eq 0 ]]; then
+    REFERENCE_NAME="the library's host run"
+    if [[ $LOCAL -eq 1 ]]; then
+        REFERENCE_NAME="gcinfer.cli (same code, same host: an entry-point check)"
+        log "--local: outputs are compared with gcinfer.cli's on the same host, i.e. the library with itself"
+    else
         [[ $build -eq 0 ]] || "$ROOT/build.sh" "${names[@]}"
         select_engine
         read -r -a GPU <<<"$(gpu_flags)"

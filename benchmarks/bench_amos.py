@@ -36,7 +36,7 @@ sys.path.insert(0, {tests!r})
 from gcinfer_dev.references.amos import run_reference
 config = json.loads(Path({config!r}).read_text())
 inputs = [Path(p) for p in {inputs!r}]
-run_reference(Path({models!r}), config["models"], {folds!r}, inputs, Path({work!r}), config["postprocessing"])
+run_reference(Path({models!r}), config["models"], {folds!r}, inputs, Path({work!r}), {task!r})
 """
 
 
@@ -107,6 +107,7 @@ def run_reference(folder: str, inputs: Path, model_dir: Path, scratch: Path) -> 
         folds=list(FOLDS),
         inputs=[str(p) for p in sorted(inputs.glob("*.nii.gz"))],
         work=str(work),
+        task=folder.removeprefix("amos_"),
     )
     measurement = measure([sys.executable, "-c", script], {**os.environ, "TMPDIR": str(scratch)})
     final = work / "final"

@@ -1,12 +1,14 @@
 """AMOS 2022 pipelines (``gcinfer amos-task1|amos-task2``) end to end on the fixture models and phantoms.
 
 - Dice against the phantoms' ground truth (mean organ Dice >= 0.8 per case);
-- parity with the reference pipeline (upstream's flow from nnU-Net v1's own pieces on the CPU, see
-  ``amos_reference.py``) on the same models and the zero-bordered task 1 sample case (all configurations, folds 0 1,
-  mirroring, post-processing): >= 99.5 % identical voxels, Dice >= 0.98 per present label;
+- parity with the reference pipeline (upstream's flow from nnU-Net v1's own pieces on the CPU and the oracle's own
+  transcription of upstream's post-processing, see :mod:`gcinfer_dev.references.amos`) on the same models and the
+  zero-bordered sample case of each task (all configurations, folds 0 1, mirroring, post-processing; task 1 with
+  stray tissue pasted in, so that the post-processing acts): at most 1 differing voxel, same size, spacing, origin
+  and direction;
 - geometry (anisotropic spacing, permuted direction, image smaller than the patch, non-zero box a small part of the
-  image): output geometry == input geometry exactly, uint8, background outside the non-zero box, and equal to the
-  reference;
+  image): output geometry == input geometry exactly, uint8, background outside the non-zero box, and at most 1 voxel
+  different from the reference;
 - only the final label maps are written (output folder, TMPDIR, model folder checked), a failing case is reported
   and skipped, missing folds or configurations give the documented errors.
 
@@ -86,13 +88,45 @@ def clean_tmpdir(tmp_path_factory):
         yield folder
 
 
+def paste_stray_tissue(image: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """A copy of the (z, y, x) CT with the central block (20th-80th percentiles of each axis) of the liver (6) and
+    of the spleen (1) pasted again half the volume's height away: the ensemble then predicts stray pieces that the
+    post-processing removes (on the fixture case: pieces of spleen, liver, postcava and left adrenal)."""
+    pasted = image.copy()
+    depth = image.shape[0]
+    for organ in (6, 1):
+        where = np.nonzero(truth == organ)
+        low = [int(np.percentile(axis, 20)) for axis in where]
+        high = [int(np.percentile(axis, 80)) + 1 for axis in where]
+        block = image[tuple(slice(a, b) for a, b in zip(low, high))]
+        z = (low[0] + depth // 2) % (depth - block.shape[0])
+        pasted[z : z + block.shape[0], low[1] : high[1], low[2] : high[2]] = block
+    return pasted
+
+
 @pytest.fixture(scope="module")
-def task1_run(fixtures_dir, tmp_path_factory, clean_tmpdir) -> dict:
+def task1_inputs(fixtures_dir, tmp_path_factory) -> Path:
+    """The task 1 sample phantoms, the one with a zero border (the parity case) with stray tissue pasted in, so
+    that the parity covers the post-processing too."""
+    folder = tmp_path_factory.mktemp("task1_in")
+    for path in inputs_of(fixtures_dir, "task1"):
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)
+        if has_zero_face(array):
+            pasted = sitk.GetImageFromArray(paste_stray_tissue(array, truth_of(fixtures_dir, "task1", case_name(path))))
+            pasted.CopyInformation(image)
+            image = pasted
+        sitk.WriteImage(image, str(folder / path.name))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def task1_run(fixtures_dir, task1_inputs, tmp_path_factory, clean_tmpdir) -> dict:
     """``gcinfer amos-task1`` on the flat folder of sample CT phantoms, folds 0 1, everything else as configured."""
     model_dir = fixtures_dir / "amos_task1" / "model"
     output = tmp_path_factory.mktemp("task1_out")
     before = snapshot(model_dir)
-    code = gcinfer("amos-task1", fixtures_dir / "amos_task1" / "input", output, model_dir, *folds_option())
+    code = gcinfer("amos-task1", task1_inputs, output, model_dir, *folds_option())
     return {"code": code, "output": output, "model_unchanged": snapshot(model_dir) == before}
 
 
@@ -112,15 +146,17 @@ def task2_run(fixtures_dir, tmp_path_factory, clean_tmpdir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def references(fixtures_dir, tmp_path_factory) -> dict[str, dict[str, Path]]:
+def references(fixtures_dir, task1_inputs, tmp_path_factory) -> dict[str, dict[str, Path]]:
     """The reference pipeline (same models, folds 0 1, TTA, post-processing) per task on its sample case whose image
-    has a zero border, so that nnU-Net's crop and the paste back are exercised (task 2: the MRI)."""
+    has a zero border, so that nnU-Net's crop and the paste back are exercised (task 2: the MRI; task 1: the case
+    with stray tissue)."""
     outputs = {}
     for task in ("task1", "task2"):
-        (case,) = [p for p in inputs_of(fixtures_dir, task) if has_zero_face(read_image(p)[0])]
+        inputs = sorted(task1_inputs.glob("*.nii.gz")) if task == "task1" else inputs_of(fixtures_dir, task)
+        (case,) = [p for p in inputs if has_zero_face(read_image(p)[0])]
         config, work = CONFIGS[task], tmp_path_factory.mktemp(f"{task}_reference")
         models = copy_models(fixtures_dir / f"amos_{task}" / "model", config["models"], work / "models")
-        outputs[task] = run_reference(models, config["models"], FOLDS, [case], work / "run", config["postprocessing"])
+        outputs[task] = run_reference(models, config["models"], FOLDS, [case], work / "run", postprocessing=task)
     return outputs
 
 
@@ -164,16 +200,22 @@ def test_parity_with_reference(task, task1_run, task2_run, references) -> None:
         output = next(p for p in files_under(run["output"]) if case_name(p) == name)
         ours, geometry = read_image(output)
         differing = int(np.count_nonzero(ours != reference))
-        print(f"{task} {name}: {differing} of {reference.size} voxels differ")
+        merged, _ = read_image(reference_path.parents[1] / "merged" / reference_path.name)
+        postprocessed = int(np.count_nonzero(merged != reference))
+        print(f"{task} {name}: {differing} of {reference.size} voxels differ; post-processing changed {postprocessed}")
+        if task == "task1":
+            assert postprocessed > 0  # the stray tissue: the parity covers the post-processing rules
         assert geometry.shape_zyx == reference_geometry.shape_zyx
         np.testing.assert_allclose(geometry.spacing, reference_geometry.spacing, rtol=1e-6)
+        np.testing.assert_allclose(geometry.origin, reference_geometry.origin, rtol=0, atol=1e-4)
         np.testing.assert_allclose(geometry.direction, reference_geometry.direction, atol=1e-6)
         assert differing <= 1
 
 
 @pytest.mark.parametrize(
     ("precision", "minimum"),
-    [((torch.float32, torch.float16), 0.99995), ((torch.bfloat16, torch.float16), 0.9995)],
+    # observed on the fixture cases: 99.9992 % (fp16 ensemble), 99.9960 % (bf16 tiling); limits: 2.5x those mismatches
+    [((torch.float32, torch.float16), 0.99998), ((torch.bfloat16, torch.float16), 0.9999)],
     ids=["fp16-ensemble", "bf16-tiling"],
 )
 def test_reduced_precision_plans_stay_close_to_the_exact_run(
@@ -284,7 +326,9 @@ def test_edge_geometry_and_parity(name, edge_cases) -> None:
     labels, output_geometry = read_image(path)
     assert output_geometry == geometry
     reference, _ = read_image(edge_cases["reference"][case_name(path)])
-    assert np.mean(labels == reference) >= 0.995
+    differing = int(np.count_nonzero(labels != reference))
+    print(f"{name}: {differing} of {reference.size} voxels differ from the reference")
+    assert differing <= 1  # as in test_parity_with_reference (0 observed on all three)
     if name == "boxed.nii.gz":
         outside = np.ones(labels.shape, dtype=bool)
         outside[edge_cases["box"]] = False

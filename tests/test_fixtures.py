@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gcinfer.io import read_image
-from gcinfer_dev.fixtures import make_fixtures, stamp_text
+from gcinfer_dev.fixtures import fixture_sources, make_fixtures, source_hash, stamp_text
 from gcinfer_dev.fixtures.abdomen import ct_phantom, mri_phantom
 from gcinfer_dev.fixtures.amos_specs import TASKS, TaskSpec
 from gcinfer_dev.fixtures.nnunet_format import CHECKPOINT, folder_name
@@ -196,3 +196,22 @@ def test_make_fixtures_returns_at_once_when_current(fixtures_dir, monkeypatch) -
 
     monkeypatch.setattr(fixtures, "_build", lambda root, seed: pytest.fail("rebuilt a current fixture tree"))
     make_fixtures(fixtures_dir, seed=0)
+
+
+def test_the_stamp_covers_the_autopet_code_the_models_are_trained_through(monkeypatch) -> None:
+    """Changing the AutoPET preprocessing, network building or container config invalidates the cached fixtures."""
+    sources = fixture_sources()
+    for name in (
+        "fixtures/petct.py",
+        "gcinfer/pipelines/autopet/pipeline.py",
+        "gcinfer/pipelines/autopet/networks.py",
+        "gcinfer/pipelines/autopet/settings.py",
+        "gcinfer/engine/spatial.py",
+        "docker/autopet2/config.json",
+    ):
+        assert sources[name].is_file(), name
+    before = source_hash()
+    read_bytes = Path.read_bytes
+    edited = sources["gcinfer/engine/spatial.py"]
+    monkeypatch.setattr(Path, "read_bytes", lambda path: read_bytes(path) + (b"#" if path == edited else b""))
+    assert source_hash() != before

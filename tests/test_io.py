@@ -72,11 +72,54 @@ def test_mha_output_is_compressed(tmp_path: Path) -> None:
     assert out.stat().st_size < 64**3 // 10
 
 
-def test_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
+def test_mismatched_label_map_is_refused_before_any_file_exists(tmp_path: Path) -> None:
     geometry = Geometry((4, 3, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     with pytest.raises(ValueError, match=r"seg.mha: label map shape \(3, 3, 3\) != image shape \(2, 3, 4\)"):
         write_label_map(tmp_path / "seg.mha", np.zeros((3, 3, 3), np.uint8), geometry)
     assert list(tmp_path.iterdir()) == []
+
+
+WRITE_IMAGE = sitk.WriteImage
+
+
+def _fail_after_writing(image: sitk.Image, path: str, *args) -> None:
+    """SimpleITK's writer failing once the file exists (ITK's words for a full disk)."""
+    WRITE_IMAGE(image, path, *args)
+    raise RuntimeError("ITK ERROR: ImageFileWriter(0x55d0c0ffee00): No space left on device")
+
+
+def _write_other_labels(image: sitk.Image, path: str, *args) -> None:
+    """SimpleITK's writer reporting no error although the file does not hold the labels (a short write)."""
+    WRITE_IMAGE(image != 1, path, *args)
+
+
+@pytest.mark.parametrize(
+    ("writer", "cause"),
+    [
+        (_fail_after_writing, "No space left on device"),
+        (_write_other_labels, "the written file does not read back: disk full?"),
+    ],
+    ids=["writer-error", "silent-short-write"],
+)
+def test_write_failure_after_the_temporary_file_exists_leaves_the_output_untouched(
+    writer, cause: str, tmp_path: Path, monkeypatch
+) -> None:
+    geometry = Geometry((4, 3, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    previous = tmp_path / "seg.mha"
+    previous.write_bytes(b"an earlier run's output")
+    temporaries = []
+
+    def failing_writer(image: sitk.Image, path: str, *args, **kwargs) -> None:
+        temporaries.append(Path(path))
+        writer(image, path, *args)
+        assert Path(path).stat().st_size > 0
+
+    monkeypatch.setattr(sitk, "WriteImage", failing_writer)
+    with pytest.raises(InputError) as error:
+        write_label_map(previous, np.ones((2, 3, 4), np.uint8), geometry)
+    assert str(error.value) == f"{previous}: cannot write output ({cause})"
+    assert temporaries and temporaries[0].parent == tmp_path and temporaries[0] != previous
+    assert sorted(tmp_path.iterdir()) == [previous] and previous.read_bytes() == b"an earlier run's output"
 
 
 def test_unwritable_output_folder_is_named(tmp_path: Path) -> None:

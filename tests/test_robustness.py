@@ -1174,14 +1174,40 @@ def test_autopet_model_problems(row_id: str, fixtures_dir: Path, autopet_clean: 
 # --- outputs that cannot be written, interruption (subprocesses) ------------------------------------------------------
 
 
+def default_interruption_signals(then: Callable[[], None] | None = None) -> Callable[[], None]:
+    """A ``preexec_fn``: SIGINT and SIGTERM back to their default disposition in the child, then ``then()``.
+
+    A non-interactive shell starts background jobs with SIGINT ignored (POSIX), and an ignored signal stays ignored
+    across exec: Python then installs no KeyboardInterrupt handler, which is right for the program (``nohup``
+    relies on it) but would make the interruption tests depend on how the test session was started.
+    """
+
+    def preexec() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        if then is not None:
+            then()
+
+    return preexec
+
+
 def cli_process(
-    *argv: object, prefix: Sequence[str] = (), preexec: Callable[[], None] | None = None
+    *argv: object,
+    prefix: Sequence[str] = (),
+    preexec: Callable[[], None] | None = None,
+    python: Sequence[str] = ("-m", "gcinfer.cli"),
 ) -> subprocess.Popen:
-    """``[PREFIX] python -m gcinfer.cli --no-progress ARGV`` in a subprocess (stderr piped, line-buffered text)."""
+    """``[PREFIX] python PYTHON --no-progress ARGV`` in a subprocess (stderr piped, line-buffered text), with
+    SIGINT and SIGTERM at their default disposition whatever the test session's."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
-    command = [*prefix, sys.executable, "-m", "gcinfer.cli", "--no-progress", *[str(a) for a in argv]]
+    command = [*prefix, sys.executable, *python, "--no-progress", *[str(a) for a in argv]]
     return subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, preexec_fn=preexec
+        command,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        preexec_fn=default_interruption_signals(preexec),
     )
 
 
@@ -1244,30 +1270,72 @@ def many_amos_cases(fixtures_dir: Path, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_interruption_leaves_no_partial_output(
+INTERRUPTIONS = pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+
+
+def interrupt(process: subprocess.Popen, signum: int) -> str:
+    """Send ``signum`` to the running ``process``; its stderr once it has ended, promptly, with exit code 130."""
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signum)
+    sent = time.monotonic()
+    try:
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()  # no-op once it has ended; never leaves a run behind a failed assertion
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - sent < 15, "the run did not stop promptly"
+    assert "interrupted" in stderr
+    return stderr
+
+
+@INTERRUPTIONS
+def test_interruption_while_predicting_leaves_no_partial_output(
     signum: int, fixtures_dir: Path, many_amos_cases: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "out"
     process = cli_process(
         *AMOS_ARGS, "--input", many_amos_cases, "--output", output, "--model", fixtures_dir / "amos_task1" / "model"
     )
-    started = time.monotonic()
     for line in process.stderr:  # the run has started predicting once it logs its settings
         if "amos-task1: 10 case(s)" in line:
             break
     time.sleep(2.0)
-    assert process.poll() is None, "the run ended before it could be interrupted"
-    process.send_signal(signum)
-    sent = time.monotonic()
-    stderr = process.communicate(timeout=60)[1]
-    assert process.returncode == 130, stderr
-    assert time.monotonic() - sent < 15, "the run did not stop promptly"
-    assert "interrupted" in stderr and time.monotonic() - started < 600
+    interrupt(process, signum)
     written = sorted(output.iterdir()) if output.exists() else []
     assert len(written) < 10
     for path in written:  # only complete label maps, no temporary file
         assert not path.name.startswith(".") and read_image(path)[0].dtype == np.uint8
+
+
+SLOW_WRITE = """
+import runpy, sys, time
+import SimpleITK
+write = SimpleITK.WriteImage
+def write_then_wait(image, path, *args, **kwargs):
+    write(image, path, *args, **kwargs)
+    print(f"written, not yet renamed: {path}", file=sys.stderr, flush=True)
+    time.sleep(120)
+SimpleITK.WriteImage = write_then_wait
+runpy.run_module("gcinfer.cli", run_name="__main__", alter_sys=True)
+"""
+"""``python -c SLOW_WRITE ARGV``: the CLI, whose every image write pauses after the file is written (so while it
+still has its temporary name) and says so on stderr."""
+
+
+@INTERRUPTIONS
+def test_interruption_while_writing_removes_the_temporary_file(signum: int, fixtures_dir: Path, tmp_path: Path) -> None:
+    autopet = fixtures_dir / "autopet2"
+    output = tmp_path / "out"
+    argv = (*AUTOPET_ARGS, "--input", autopet / "input", "--output", output, "--model", autopet / "model")
+    process = cli_process(*argv, python=("-c", SLOW_WRITE))
+    marker = "written, not yet renamed: "
+    line = next((line for line in process.stderr if marker in line), "")
+    assert line, "the run ended without writing"
+    temporary = Path(line.split(marker, 1)[1].strip())
+    assert temporary.is_file() and temporary.name.startswith(".") and temporary.parent.parent.parent == output
+    interrupt(process, signum)
+    assert not temporary.exists()
+    assert [p for p in output.rglob("*") if p.is_file()] == []
 
 
 # --- determinism ------------------------------------------------------------------------------------------------------

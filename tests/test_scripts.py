@@ -21,7 +21,7 @@ import tomllib
 
 from gcinfer import entrypoint
 from gcinfer.config import Sockets, read_json
-from gcinfer.io import Geometry, write_label_map
+from gcinfer.io import Geometry, read_image, write_label_map
 from gcinfer_dev import checks
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -489,7 +489,7 @@ def _check(paths: dict[str, Path], capsys: pytest.CaptureFixture) -> tuple[bool,
 def test_checks_pass_on_a_correct_output(amos_run: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     ok, out = _check(amos_run, capsys)
     assert ok, out
-    assert "summary: 1/1 file(s), 1 identical to the library, mean Dice 1.000 (>= 0.8)" in out
+    assert "summary: 1/1 file(s), 1 identical to the library, mean Dice 1.000 (>= 0.8) over 1 case(s)" in out
 
 
 def test_checks_reject_an_extra_file(amos_run: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
@@ -521,6 +521,27 @@ def test_checks_reject_a_low_dice(amos_run: dict[str, Path], capsys: pytest.Capt
     ok, out = _check(amos_run, capsys)
     assert not ok
     assert "mean Dice 0.000 below the target 0.8" in out
+
+
+def test_checks_keep_an_empty_case_out_of_the_mean_dice(
+    amos_run: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """A case with nothing to find and nothing found has no Dice: it must not lift a low Dice over the target."""
+    geometry = Geometry((10, 8, 6), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    truth = read_image(amos_run["labels"] / "amos_0001.nii.gz")[0]
+    poor = truth.copy()
+    poor[truth == 1] = 0
+    poor[1, 2:6, 2:6] = 1  # organ 1: 16 of 96 voxels (Dice 2 * 16 / 112), organ 2 exact: mean Dice 0.643
+    for folder in ("output", "reference"):
+        write_label_map(amos_run[folder] / "amos_0001.nii.gz", poor, geometry)
+    _image(amos_run["input"] / "amos_0002.nii.gz", np.full((6, 8, 10), -1000, np.int16))
+    for folder in ("output", "reference", "labels"):
+        write_label_map(amos_run[folder] / "amos_0002.nii.gz", np.zeros((6, 8, 10), np.uint8), geometry)
+    ok, out = _check(amos_run, capsys)
+    assert not ok
+    assert "amos_0002.nii.gz: 0 voxel(s) differ, Dice no lesion, none predicted, ok" in out
+    assert "FAILED mean Dice 0.643 below the target 0.8" in out  # not (0.643 + 1) / 2 = 0.821
+    assert "summary: 2/2 file(s), 2 identical to the library, mean Dice 0.643 (>= 0.8) over 1 case(s)" in out
 
 
 def test_autopet_dataset_is_found_in_both_layouts(tmp_path: Path, fixtures_dir: Path) -> None:
@@ -556,7 +577,13 @@ def test_test_sh_local_passes_on_the_fixtures(fixtures_dir: Path) -> None:
         ("amos_task2", "grand-challenge", "pass"),
         ("autopet2", "grand-challenge", "pass"),
     ]
-    assert all("identical to the library" in line for line in result.stdout.splitlines()[-3:])
+    assert all(
+        "identical to gcinfer.cli (same code, same host: an entry-point check)" in line
+        for line in result.stdout.splitlines()[-3:]
+    )
+    assert "--local: outputs are compared with gcinfer.cli's on the same host, i.e. the library with itself" in (
+        result.stderr
+    )
 
 
 def test_test_autopet_sh_local_scores_a_three_study_dataset(tmp_path: Path, fixtures_dir: Path) -> None:

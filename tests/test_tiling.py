@@ -282,6 +282,29 @@ def test_out_of_memory_falls_back_with_the_same_result(failing_calls: set[int], 
     assert len(caplog.records) == 1 and "out of memory" in caplog.records[0].getMessage()
 
 
+@pytest.mark.parametrize("failing_calls", [{0}, {5}], ids=["first call", "mid-volume"])
+def test_out_of_memory_with_the_result_on_another_device_retries_accumulating_on_the_host(
+    failing_calls: set[int], caplog
+) -> None:
+    """The GPU path's second tier, on the CPU: the result asked on a device other than the networks' (``cpu:0``, a
+    distinct torch.device whose tensors live on the host, stands for the accelerator: tiles are moved to it and
+    accumulated there until the injected out-of-memory), then the retry with the networks where they were and the
+    accumulator on the host."""
+    network, image = generic_unet(0), volume((CHANNELS, 21, 17, 27))
+    counting = FailingNetwork(network, set())
+    expected = predict_tiled(image, counting, PATCH, mirror_axes=(0,), progress=False)
+    failing = FailingNetwork(network, failing_calls)
+    other = torch.device("cpu", 0)
+    assert other != torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="gcinfer.engine.tiling"):
+        result = predict_tiled(image, failing, PATCH, mirror_axes=(0,), result_device=other, progress=False)
+    assert torch.equal(result, expected)
+    assert failing.calls == max(failing_calls) + 1 + counting.calls  # up to the failure, then a whole run
+    assert [r.getMessage() for r in caplog.records] == [
+        "out of memory with networks on cpu and result on cpu:0; retrying with networks on cpu and result on cpu"
+    ]
+
+
 def test_out_of_memory_on_the_cpu_is_raised_after_the_host_attempt(caplog) -> None:
     failing = FailingNetwork(generic_unet(0), {0, 1})
     with caplog.at_level(logging.WARNING, logger="gcinfer.engine.tiling"), pytest.raises(torch.OutOfMemoryError):
@@ -293,6 +316,7 @@ def test_fallback_order_host_accumulation_then_cpu() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
     assert _fallback_attempts(cuda, cuda) == [(cuda, cuda), (cuda, cpu), (cpu, cpu)]
     assert _fallback_attempts(cpu, cpu) == [(cpu, cpu), (cpu, cpu)]
+    assert _fallback_attempts(cuda, cpu) == [(cuda, cpu), (cuda, cpu), (cpu, cpu)]
 
 
 # --- behaviour ---------------------------------------------------------------------------------------------------

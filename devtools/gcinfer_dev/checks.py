@@ -37,7 +37,7 @@ from gcinfer.config import Sockets, read_json
 from gcinfer.errors import InputError
 from gcinfer.io import Geometry, case_name, image_suffix, read_header, read_image
 from gcinfer_dev.demo import TASKS, DemoTask
-from gcinfer_dev.metrics import LesionScores, dice_per_label, summarize_scores
+from gcinfer_dev.metrics import EMPTY_CASE, LesionScores, case_dice, format_dice, mean_dice, summarize_scores
 from gcinfer_dev.metrics import score_study as score_lesions
 
 GEOMETRY_ATOL = 1e-4
@@ -90,6 +90,8 @@ class CaseCheck:
     path: Path
     problems: list[str]
     dice: float | None = None
+    empty: bool = False
+    """Neither the truth nor the output has foreground: no Dice (:data:`~gcinfer_dev.metrics.EMPTY_CASE`)."""
     differing_voxels: int | None = None
 
 
@@ -125,8 +127,8 @@ def check_case(
     if truth_labels.shape != labels.shape:
         result.problems.append(f"shape {labels.shape} != ground truth {truth_labels.shape}")
         return result
-    per_label = dice_per_label(labels, truth_labels)
-    result.dice = float(np.mean(list(per_label.values()))) if per_label else 1.0
+    result.dice = case_dice(labels, truth_labels)
+    result.empty = result.dice is None
     return result
 
 
@@ -138,8 +140,11 @@ def check_outputs(
     reference_dir: Path,
     labels_dir: Path,
     max_mismatch: float = 0.0,
+    reference_name: str = "the library",
 ) -> bool:
-    """Check a run's output folder; print one line per file and a summary line; True when everything passed."""
+    """Check a run's output folder; print one line per file and a summary line; True when everything passed.
+
+    ``reference_name`` says in the summary what the outputs in ``reference_dir`` are."""
     config = read_json(config_path)
     sockets = Sockets.of(config, config_path)
     cases = discover_cases(input_dir, output_dir, sockets)
@@ -154,23 +159,25 @@ def check_outputs(
         if c.output in present
     ]
     for check in checks:
-        dice = "n/a" if check.dice is None else f"{check.dice:.3f}"
         status = "ok" if not check.problems else "FAILED: " + "; ".join(check.problems)
-        print(
-            f"  {check.path.relative_to(output_dir)}: {check.differing_voxels} voxel(s) differ, Dice {dice}, {status}"
-        )
+        differ = f"{check.differing_voxels} voxel(s) differ"
+        dice = format_dice(check.dice) if check.dice is not None or check.empty else "n/a"
+        print(f"  {check.path.relative_to(output_dir)}: {differ}, Dice {dice}, {status}")
     problems += [f"{c.path}: {p}" for c in checks for p in c.problems]
-    scores = [c.dice for c in checks if c.dice is not None]
-    mean = float(np.mean(scores)) if scores else 0.0
+    mean = mean_dice([c.dice for c in checks])
     target = task(folder).target
-    if mean < target:
+    if mean is None:
+        problems.append(f"no case to score Dice on (each is '{EMPTY_CASE}' or has no ground truth)")
+    elif mean < target:
         problems.append(f"mean Dice {mean:.3f} below the target {target}")
     for problem in problems:
         print(f"  FAILED {problem}")
     identical = sum(c.differing_voxels == 0 for c in checks)
+    scored = sum(c.dice is not None for c in checks)
+    mean_text = "n/a" if mean is None else f"{mean:.3f}"
     print(
-        f"summary: {len(checks)}/{len(expected)} file(s), {identical} identical to the library, "
-        f"mean Dice {mean:.3f} (>= {target})"
+        f"summary: {len(checks)}/{len(expected)} file(s), {identical} identical to {reference_name}, "
+        f"mean Dice {mean_text} (>= {target}) over {scored} case(s) with foreground"
     )
     return not problems
 
@@ -433,6 +440,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     outputs.add_argument("--reference", type=Path, required=True, help="the library's outputs for the same cases")
     outputs.add_argument("--labels", type=Path, required=True, help="ground truth label maps, named by case")
     outputs.add_argument("--max-mismatch", type=float, default=0.0, help="fraction of voxels allowed to differ")
+    outputs.add_argument(
+        "--reference-name", default="the library", help="what the --reference outputs are (for the summary line)"
+    )
     gc_input = commands.add_parser("gc-input", help="cases rewritten as one Grand Challenge job input")
     gc_input.add_argument("source", type=Path, help="flat folder or Grand Challenge layout")
     gc_input.add_argument("target", type=Path)
@@ -460,7 +470,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.check == "outputs":
         ok = check_outputs(
-            args.name, args.config, args.input, args.output, args.reference, args.labels, args.max_mismatch
+            args.name,
+            args.config,
+            args.input,
+            args.output,
+            args.reference,
+            args.labels,
+            args.max_mismatch,
+            args.reference_name,
         )
         return 0 if ok else 1
     if args.check == "fingerprint":

@@ -12,13 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from gcinfer import cli
 from gcinfer.io import case_name, image_suffix, read_image
 from gcinfer.pipelines import PipelineSpec, spec_of
 from gcinfer_dev import container_config
-from gcinfer_dev.metrics import dice_per_label
+from gcinfer_dev.metrics import case_dice, dice_per_label, format_dice, mean_dice
 from gcinfer_dev.preview import write_preview
 
 
@@ -71,16 +69,18 @@ def run_task(task: DemoTask, fixtures: Path, output: Path, device: str) -> bool:
         name = case_name(path)
         prediction, _ = read_image(path)
         truth, _ = read_image(next(p for p in _outputs(root / "labels") if case_name(p) == name))
-        per_label = dice_per_label(prediction, truth)
-        score = float(np.mean(list(per_label.values()))) if per_label else 1.0
+        score = case_dice(prediction, truth)
         scores.append(score)
         png = write_preview(_input_image(root / "input", name), path, path.parent / f"{name}.png")
-        labels = " ".join(f"{k}:{v:.2f}" for k, v in per_label.items())
-        print(f"  {path}  {task.metric} {score:.3f}  [{labels}]  preview {png.name}")
-    mean = float(np.mean(scores)) if scores else 0.0
-    ok = code == 0 and bool(scores) and mean >= task.target
+        labels = " ".join(f"{k}:{v:.2f}" for k, v in dice_per_label(prediction, truth).items())
+        print(f"  {path}  {task.metric} {format_dice(score)}  [{labels}]  preview {png.name}")
+    mean = mean_dice(scores)
+    ok = code == 0 and mean is not None and mean >= task.target
+    scored = sum(s is not None for s in scores)
+    mean_text = "n/a" if mean is None else f"{mean:.3f}"
     print(
-        f"  {task.metric} over {len(scores)} case(s): {mean:.3f} (target >= {task.target}) {'OK' if ok else 'FAILED'}"
+        f"  {task.metric} over {scored} case(s) with foreground (of {len(scores)}): {mean_text} "
+        f"(target >= {task.target}) {'OK' if ok else 'FAILED'}"
     )
     return ok
 

@@ -28,6 +28,27 @@ def dice_per_label(prediction: np.ndarray, truth: np.ndarray) -> dict[int, float
     return {int(k): dice(prediction == k, truth == k) for k in labels if k != 0}
 
 
+EMPTY_CASE = "no lesion, none predicted"
+"""How a case with no foreground in either the truth or the prediction is reported: it has no Dice."""
+
+
+def case_dice(prediction: np.ndarray, truth: np.ndarray) -> float | None:
+    """Mean Dice over the labels present in either map; None when both are all background (:data:`EMPTY_CASE`),
+    which callers keep out of their mean rather than count as a perfect 1.0."""
+    per_label = dice_per_label(prediction, truth)
+    return float(np.mean(list(per_label.values()))) if per_label else None
+
+
+def mean_dice(scores: Sequence[float | None]) -> float | None:
+    """Mean of the cases that have a Dice (:func:`case_dice`); None when none has."""
+    scored = [s for s in scores if s is not None]
+    return float(np.mean(scored)) if scored else None
+
+
+def format_dice(score: float | None) -> str:
+    return EMPTY_CASE if score is None else f"{score:.3f}"
+
+
 # --- AutoPET II challenge scores ------------------------------------------------------------------------------------
 # As the organisers' evaluation (autoPET val_script.py): foreground Dice, and the false-positive / false-negative
 # volumes of whole 18-connected components, in ml.

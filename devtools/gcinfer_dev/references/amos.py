@@ -7,10 +7,10 @@ reproduced here with its CPU settings and its CPU fallback resampling, everythin
 ``load_model_and_checkpoint_files``, ``preprocess_patient`` (reads the file), ``load_checkpoint_ram`` +
 ``predict_preprocessed_data_return_seg_and_softmax`` per fold (``all_in_gpu=False``, ``mixed_precision=False``),
 the per-channel ``F.interpolate(mode='trilinear')``, ``save_segmentation_nifti_from_softmax`` (writes the
-per-configuration segmentation, npz and pkl), ``merge`` (writes the merged segmentation), then
-``gcinfer.pipelines.amos.postprocessing.postprocess_organs`` on the merged map
-(its ``_upstream_defect`` note explains why not
-upstream's own summing code), written with the merged image's geometry. All files go under ``work_dir``.
+per-configuration segmentation, npz and pkl), ``merge`` (writes the merged segmentation), then the oracle's own
+transcription of upstream's organ-wise post-processing (:mod:`gcinfer_dev.references.amos_postprocessing`, which
+says why not upstream's summing code) on the merged map, written with the merged image's geometry. All files go
+under ``work_dir``. Nothing here comes from gcinfer.
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
     from nnunet.inference.segmentation_export import save_segmentation_nifti_from_softmax
     from nnunet.training.model_restore import load_model_and_checkpoint_files
 
-from gcinfer.io import case_name
-from gcinfer.pipelines.amos.postprocessing import postprocess_organs
+from gcinfer_dev.references.amos_postprocessing import postprocess
+
+
+def case_name(path: Path) -> str:
+    """nnU-Net's case identifier: the file name without ``.nii.gz`` (or the last suffix)."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
 
 
 def _predict_configuration(
@@ -88,11 +93,13 @@ def run_reference(
     folds: Sequence[int],
     inputs: Sequence[Path],
     work_dir: Path,
-    table: dict | None,
+    postprocessing: str | None,
     step_size: float = 0.5,
     tta: bool = True,
 ) -> dict[str, Path]:
     """Run the reference on ``inputs``; returns ``{case name: final label map path}`` (``work_dir/final``).
+
+    ``postprocessing``: the submission whose post-processing to apply (``"task1"`` or ``"task2"``), or None.
 
     Intermediate files stay in ``work_dir/<configuration>/`` and ``work_dir/merged/`` for the caller to measure.
     """
@@ -108,8 +115,8 @@ def run_reference(
         merged_path = work_dir / "merged" / f"{case_name(path)}.nii.gz"
         merged = sitk.ReadImage(str(merged_path))
         labels = sitk.GetArrayFromImage(merged)
-        if table is not None:
-            labels = postprocess_organs(labels, list(merged.GetSpacing())[::-1], table)
+        if postprocessing is not None:
+            labels = postprocess(labels, list(merged.GetSpacing())[::-1], postprocessing)
         image = sitk.GetImageFromArray(labels.astype(np.uint8))
         image.CopyInformation(merged)
         outputs[case_name(path)] = final / merged_path.name
