@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from gcinfer.errors import InputError
-from gcinfer.io import read_image
+from gcinfer.io import Geometry, read_image
 from gcinfer.pipelines.amos import nnunet_v1
 
 with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -36,6 +36,7 @@ with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TASKS = ("task1", "task2")
+CROPPER_PROPERTIES = ("crop_bbox", "classes", "size_after_cropping")
 
 
 def models_of(task: str) -> list[str]:
@@ -153,6 +154,48 @@ def test_crop_is_shared_untouched(fixtures_dir, restored) -> None:
     for name in models_of("task1"):
         restored["task1", name].preprocess(cropped)
     assert np.array_equal(cropped.data, before)
+
+
+def crop_cases() -> dict[str, np.ndarray]:
+    """``(C, z, y, x)`` arrays for the crop: a CT (no zero), zero borders around a body with an enclosed hole (filled
+    by nnU-Net) and a notch open to a face of the box that is not the image's border (not filled), two channels
+    non-zero in different places, float64 values that float32 rounds to 0, a crop of one voxel."""
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1000, 1000, (1, 9, 10, 11)).astype(np.int16)
+    ct[ct == 0] = 1
+    body = np.zeros((1, 12, 14, 16), np.int16)
+    body[0, 2:10, 3:12, 1:15] = rng.integers(1, 100, (8, 9, 14))
+    body[0, 4:7, 5:8, 5:8] = 0  # enclosed hole
+    body[0, 3:5, 3:6, 1:4] = 0  # notch open to the box's y- and x-faces
+    two = np.zeros((2, 8, 9, 10), np.float32)
+    two[0, 1:3, 2:5, 3:4] = 1.5
+    two[1, 5:7, 1:2, 6:9] = -2.0
+    tiny = np.zeros((1, 6, 7, 8), np.float64)
+    tiny[0, 2:4, 2:5, 3:6] = 3.0
+    tiny[0, 0, 0, 0] = 1e-50  # 0 in float32: outside nnU-Net's box
+    single = np.zeros((1, 5, 5, 5), np.uint8)
+    single[0, 4, 0, 2] = 7
+    return {"ct": ct, "body": body, "two": two, "tiny": tiny, "single": single}
+
+
+@pytest.mark.parametrize("name", sorted(crop_cases()))
+def test_crop_is_nnunets_image_cropper(name: str) -> None:
+    """The crop, its mask and every property equal nnU-Net's ``ImageCropper.crop`` (hole filling, bounding box,
+    ``classes``), for masks with holes, open notches, several channels and values float32 rounds to 0."""
+    from nnunet.preprocessing.cropping import ImageCropper
+
+    channels = crop_cases()[name]
+    geometry = Geometry(channels.shape[:0:-1], (0.8, 0.9, 2.5), (1.0, -2.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    cropped = nnunet_v1.crop(channels, geometry)
+    with contextlib.redirect_stdout(io.StringIO()):
+        given = OrderedDict((k, v) for k, v in cropped.properties.items() if k not in CROPPER_PROPERTIES)
+        data, seg, properties = ImageCropper.crop(channels.astype(np.float32), given)
+    assert cropped.data.dtype == np.float32 and np.array_equal(cropped.data, data)
+    assert cropped.seg.dtype == np.int8 and np.array_equal(cropped.seg, seg)
+    assert list(cropped.properties) == list(properties)
+    for key, value in properties.items():
+        assert np.array_equal(cropped.properties[key], value), key
+        assert np.asarray(cropped.properties[key]).dtype == np.asarray(value).dtype, key
 
 
 @pytest.mark.parametrize("task", TASKS)
