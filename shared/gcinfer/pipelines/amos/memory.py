@@ -173,8 +173,9 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
       the device) and the per-channel resampling back to the crop (the ensemble, the prediction, one resampled
       channel where the tiling is, its copy where the ensemble is when that differs, and its float16 rounding
       when the ensemble is float32);
-    - argmax into the uint8 label map ``(z, y, x)`` where the ensemble is (8 slices at a time: their float16 mean,
-      from a float32 quotient when the ensemble is float32, and the int64 argmax);
+    - argmax into the uint8 label map ``(z, y, x)`` where the ensemble is (a slab of 8 slices at a time, per voxel of
+      the slab: the best float16 mean and its class, the current class's float16 mean, its float32 quotient when the
+      ensemble is float32, the comparison and two bool/uint8 temporaries);
     - post-processing and writing on the host.
     The crop (:data:`NNUNET_CROPPED_PER_VOXEL`) stays on the host throughout.
     """
@@ -182,7 +183,7 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
     cropped = Buffer("nnU-Net crop", NNUNET_CROPPED_PER_VOXEL * n0, False)
     ensemble = Buffer("ensemble accumulator", choice.ensemble_dtype.itemsize * k * n0, choice.ensemble_on_device)
     slab_voxels = ARGMAX_SLICES * n0 // case.image_shape[0]
-    slab = slab_voxels * (8 + (6 * k if choice.ensemble_dtype == torch.float32 else 0))
+    slab = slab_voxels * (8 + (4 if choice.ensemble_dtype == torch.float32 else 0))
     phases = [
         Phase("read", (Buffer("image", 2 * case.image_itemsize * n0, False),)),
         Phase(
