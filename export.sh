@@ -6,6 +6,8 @@
 #   dist/<name>-model.tar.gz   the contents of DIR/<name>/model/ (Algorithm > Models > upload; Grand Challenge
 #                              extracts it to /opt/ml/model). DIR defaults to docker/, i.e. docker/<name>/model/;
 #                              without that folder no model tarball is written (weights baked in, or none yet).
+#                              nnU-Net v1 checkpoints are packed slim (python -m gcinfer_dev.slim: no optimizer
+#                              state; bytes before and after are printed).
 # Build flags (from the first unknown argument starting with '-') go to ./build.sh.
 set -euo pipefail
 # shellcheck source=containers/common.sh
@@ -28,9 +30,17 @@ save_model() {
         log "no model folder $folder: ${archive#"$ROOT"/} not written"
         return 0
     fi
+    local slim=$DIST/$1-model.slim
+    rm -rf "$slim"
+    if [[ -n $(find "$folder" -path '*/fold_*/*.model.pkl' -print -quit) ]]; then
+        # nnU-Net v1 results folder: checkpoints without the optimizer state (still restorable by nnU-Net 1.7.1)
+        "$PY" -m gcinfer_dev.slim "$folder" "$slim"
+        folder=$slim
+    fi
     log "packing $folder -> ${archive#"$ROOT"/}"
     tar --create --gzip --owner=0 --group=0 --numeric-owner --no-wildcards-match-slash --exclude='.?*' --file "$archive.part" -C "$folder" .
     mv "$archive.part" "$archive"
+    rm -rf "$slim"
 }
 
 main() {

@@ -303,3 +303,35 @@ def test_unknown_trainer_and_preprocessor_are_named(fixtures_dir, tmp_path) -> N
     rewrite_pkls(root / name, lambda info: info["plans"].update(preprocessor_name="NoSuchPreprocessor"))
     with pytest.raises(InputError, match=r"unknown preprocessor 'NoSuchPreprocessor' in the plans"):
         nnunet_v1.restore(root, [name], [0])
+
+
+def test_slim_results_folder_is_restored_by_nnunet_with_identical_networks(fixtures_dir, tmp_path) -> None:
+    """The slim copy of a results folder (``export.sh``'s model tarball): no optimizer state, smaller, other files
+    byte for byte; nnU-Net 1.7.1's own ``load_model_and_checkpoint_files`` + ``load_checkpoint_ram(train=False)``
+    restore it with torch's default ``weights_only=True`` (no environment override) and get the full checkpoints'
+    weights; restored here, each fold network gives exactly the full folder's logits."""
+    from gcinfer_dev.slim import INFERENCE_KEYS, is_checkpoint, slim_results_folder
+
+    source, slim = fixtures_dir / "amos_task1" / "model", tmp_path / "slim"
+    before, after = slim_results_folder(source, slim)
+    assert after < before
+    for path in source.rglob("*"):
+        if path.is_file() and not is_checkpoint(path):
+            assert (slim / path.relative_to(source)).read_bytes() == path.read_bytes()
+    name = models_of("task1")[0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer, parameters = load_model_and_checkpoint_files(
+            str(slim / name), [0, 1], mixed_precision=False, checkpoint_name="model_final_checkpoint"
+        )
+    for fold, checkpoint in zip((0, 1), parameters):
+        assert set(checkpoint) == set(INFERENCE_KEYS)
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.load_checkpoint_ram(checkpoint, False)
+        full = nnunet_v1.load_checkpoint(source / name / f"fold_{fold}" / "model_final_checkpoint.model")
+        state = trainer.network.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in full["state_dict"].items())
+    ours, theirs = (nnunet_v1.restore(root, [name], [0, 1])[0] for root in (slim, source))
+    tile = torch.randn((1, 1, *ours.patch_size), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for slim_network, full_network in zip(ours.networks, theirs.networks):
+            assert torch.equal(slim_network(tile), full_network(tile))
