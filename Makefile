@@ -6,7 +6,7 @@ STAMP := $(VENV)/.gcinfer-installed
 CACHE ?= .cache
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test lint bench fixtures container-test clean
+.PHONY: install demo test lint bench gpu-check fixtures container-test clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ container-test: fixtures
 
 bench: fixtures
 	$(PY) benchmarks/run_all.py --fixtures $(CACHE)/fixtures
+
+gpu-check: fixtures
+	$(PY) benchmarks/gpu_check.py --fixtures $(CACHE)/fixtures
 
 clean:
 	rm -rf $(CACHE) demo_output dist

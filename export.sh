@@ -9,6 +9,8 @@
 #                              Links (symbolic or hard) are stored as what they point to (a dangling one is an
 #                              error); every entry is owned by 0:0 and readable by all (files 0644, or 0755 when
 #                              executable; folders 0755), so that the image's non-root user can read the weights.
+#                              nnU-Net v1 checkpoints are packed slim (python -m gcinfer_dev.slim: no optimizer
+#                              state; bytes before and after are printed).
 # Build flags (from the first unknown argument starting with '-') go to ./build.sh.
 set -euo pipefail
 # shellcheck source=containers/common.sh
@@ -40,12 +42,20 @@ save_model() {
         return 0
     fi
     check_links "$folder"
+    local slim=$DIST/$1-model.slim
+    rm -rf "$slim"
+    if [[ -n $(find "$folder" -path '*/fold_*/*.model.pkl' -print -quit) ]]; then
+        # nnU-Net v1 results folder: checkpoints without the optimizer state (still restorable by nnU-Net 1.7.1)
+        "$PY" -m gcinfer_dev.slim "$folder" "$slim"
+        folder=$slim
+    fi
     log "packing $folder -> ${archive#"$ROOT"/}"
     rm -f -- "$archive.part"
     tar --create --gzip --dereference --hard-dereference --owner=0 --group=0 --numeric-owner --mode=u=rwX,go=rX \
         --no-wildcards-match-slash --exclude='.?*' --file "$archive.part" -C "$folder" . \
         || { rm -f -- "$archive.part"; die "cannot pack $folder"; }
     mv "$archive.part" "$archive"
+    rm -rf "$slim"
 }
 
 main() {

@@ -22,8 +22,9 @@ The table also prints the planner's device estimate for a T4 (:data:`gcinfer.mem
 architectures (AMOS: FabiansUNet of those plans, 5 folds per configuration; AutoPET: the container's DynUNet), in
 fp16 (autocast and accumulators) and fp32, all on the device with the configured tile batch, the plan the planner
 picks for a T4 with 15 GiB of RAM, and the planner's host estimate for the CPU run next to the measured peak.
-Prints markdown, with the plan each pipeline logged for its run; exits 1 when a case's peak RSS reaches 15 GiB or a
-case fails.
+Prints markdown, with the plan each pipeline logged for its run, then each stage's seconds and share of its case
+(``StageLog``; with stand-in networks nearly all of it is the work around the networks; read the shares: the machine
+may be shared, the load average is printed); exits 1 when a case's peak RSS reaches 15 GiB or a case fails.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ GC_BASELINE_BYTES = 3 * 2**29
 PyTorch with CUDA and the pipeline's imports (0.5 GiB measured here with the CPU build; CUDA adds about 1 GiB)."""
 AUTOPET_PET, AUTOPET_CT = (400, 400, 700), (512, 512, 700)  # (x, y, z)
 CASES = ("amos", "autopet")
+STAGE_SHARE_LIMIT = 0.25
+"""Largest share of a case's wall time for a stage other than predict and resample (issue 14's target)."""
 
 
 def status_bytes(field: str) -> int:
@@ -225,9 +228,10 @@ def run_amos(work: Path, configuration_count: int) -> dict:
     plan = cpu_estimate(
         lambda budget: amos_memory.plan_amos(case.name, estimate, settings.tile_batch_size, budget, cpu)
     )
-    start = time.perf_counter()
-    amos.predict_case(case, pipeline, StageLog(case.name, cpu))
-    return {"seconds": time.perf_counter() - start, **plan, **check_output(case.output, source)}
+    stages, start = StageLog(case.name, cpu), time.perf_counter()
+    amos.predict_case(case, pipeline, stages)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "stages": stages.stages, **plan, **check_output(case.output, source)}
 
 
 # --- AutoPET ----------------------------------------------------------------------------------------------------------
@@ -270,8 +274,10 @@ def run_autopet(work: Path) -> dict:
     start = time.perf_counter()
     sockets = Sockets(("pet", "ct"), "seg")
     pipeline = autopet.AutopetPipeline(settings, sockets, (), tuple(networks), cpu, estimate.network)
-    pipeline.predict_case(case, StageLog(case.name, cpu))
-    return {"seconds": time.perf_counter() - start, **plan, **check_output(case.output, inputs["pet"])}
+    stages = StageLog(case.name, cpu)
+    pipeline.predict_case(case, stages)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "stages": stages.stages, **plan, **check_output(case.output, inputs["pet"])}
 
 
 # --- measuring --------------------------------------------------------------------------------------------------------
@@ -327,6 +333,7 @@ def measure(name: str, work: Path, amos_configurations: int) -> dict:
         return {"error": completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else "failed"}
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     result["pipeline_plan"] = plan_lines[-1].split("memory plan: ")[-1].split(" |")[0] if plan_lines else None
+    result["load"] = os.getloadavg()[0]
     return result
 
 
@@ -396,9 +403,10 @@ def main() -> int:
         "| CPU run: plan | CPU estimate | peak RSS (measured) | wall time |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    failed, notes = False, []
+    failed, notes, runs = False, [], {}
     for name in args.cases:
         t4, run = t4_estimates(name), measure(name, args.work, args.amos_configurations)
+        runs[name] = run
         if "refusal" in t4:
             notes.append(f"T4 plan for {name}: {t4['refusal']}")
         if "error" in run:
@@ -423,7 +431,26 @@ def main() -> int:
     )
     for note in notes:
         print(f"\n{note}")
+    print(stage_table(runs))
     return 1 if failed else 0
+
+
+def stage_table(runs: dict[str, dict]) -> str:
+    """Markdown: each stage's wall seconds and share of the case, per case that ran, with the load average (other
+    processes on the machine) at the end of the case; shares above :data:`STAGE_SHARE_LIMIT` (other than
+    predict and resample) are flagged."""
+    rows = ["\n| case | stage | seconds | share |", "|---|---|---|---|"]
+    for name, run in runs.items():
+        stages = run.get("stages")
+        if not stages:
+            continue
+        total = sum(stages.values())
+        for stage, seconds in stages.items():
+            share = seconds / total
+            flag = " **over 25 %**" if share > STAGE_SHARE_LIMIT and stage not in ("predict", "resample") else ""
+            rows.append(f"| {name} | {stage} | {seconds:.1f} | {100 * share:.0f} %{flag} |")
+        rows.append(f"| {name} | total (load average {run['load']:.1f}) | {total:.1f} | 100 % |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -415,3 +415,29 @@ def test_resize_channels_is_the_amos_interpolation() -> None:
     assert torch.equal(ours, upstream)
     with pytest.raises(ValueError, match=r"size must be 3 positive ints"):
         next(resize_channels_trilinear(volume, (4, 4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_labels_are_numpys_argmax_of_the_float16_mean(dtype: torch.dtype) -> None:
+    """The argmax into the full image equals numpy's argmax of upstream's float16 mean (float32 sums of float16
+    probabilities divided by the number of configurations) or of the float16 running mean: frequent ties, many only
+    after the float16 rounding (the first class wins), NaN (the first NaN class wins), a crop of 19 slices (a short
+    last slab) inside the image."""
+    from types import SimpleNamespace
+
+    from gcinfer.pipelines.amos.ensemble import ARGMAX_SLICES, labels_in_image
+
+    generator = torch.Generator().manual_seed(0)
+    classes, crop = 7, (2 * ARGMAX_SLICES + 3, 12, 10)
+    eighths, ulps = (torch.randint(0, n, (classes, *crop), generator=generator) for n in (9, 4))
+    accumulated = (eighths / 8.0 + ulps * 2.0**-12).to(dtype)  # float16 rounding of the mean makes most ties
+    accumulated[4, 3, 2, :4] = accumulated[2, 3, 2, :4] = float("nan")
+    bbox = (slice(2, 2 + crop[0]), slice(1, 13), slice(3, 13))
+    geometry = SimpleNamespace(shape_zyx=(crop[0] + 4, 14, 15))
+    labels = labels_in_image(accumulated, 3, SimpleNamespace(bbox=bbox), geometry)
+    values = accumulated.numpy()
+    mean = (values / 3).astype(np.float16) if dtype == torch.float32 else values
+    expected = np.zeros(geometry.shape_zyx, np.uint8)
+    expected[bbox] = mean.argmax(0)
+    assert labels.dtype == torch.uint8 and np.array_equal(labels.numpy(), expected)
+    assert (expected[2 + 3, 1 + 2, 3:7] == 2).all()

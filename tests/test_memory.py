@@ -15,6 +15,8 @@ import logging
 import math
 import re
 import resource
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from gcinfer import memory
 from gcinfer.engine.tiling import MonaiTiling, Output, TileMemory, predict_tiled
 from gcinfer.io import Geometry
 from gcinfer.memory import budget as memory_budget
+from gcinfer.memory import network as memory_network
 from gcinfer.pipelines.amos import memory as amos_memory
 from gcinfer.pipelines.autopet import memory as autopet_memory
 
@@ -35,6 +38,7 @@ with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # nn
     from nnunet.preprocessing import preprocessing as nnunet_preprocessing
 from monai.networks.nets import DynUNet
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 GIB = memory.GIB
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -153,6 +157,82 @@ def test_network_cost_in_half_precision_halves_activations() -> None:
     assert half.activations * 2 == full.activations > 32**3 * 8 * 4
     assert half.autocast_cache == 2 * parameters
     assert all(p.device.type == "cpu" for p in network.parameters())  # the network itself is untouched
+
+
+def meta_pass_activations(network: nn.Module, tile_shape: tuple, dtype: torch.dtype) -> int:
+    """The full-tile ``meta`` pass (the measurement the reduced tiles replace), as the reference."""
+    meta = memory_network._meta_copy(network, dtype)
+    tile = torch.empty((1, *tile_shape), device="meta", dtype=dtype)
+    with torch.inference_mode():
+        return memory.peak_tensor_bytes(lambda: meta(tile))
+
+
+class PoolingUNet(nn.Module):
+    """Max pooling, trilinear upsampling, concatenation and batch norm (a U-Net unlike DynUNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.pool = nn.Conv3d(1, 4, 3, padding=1), nn.MaxPool3d((1, 2, 2))
+        self.middle = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=(1, 2, 2), mode="trilinear")
+        self.out = nn.Conv3d(12, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.down(x)
+        return self.out(torch.cat([skip, self.up(self.middle(self.pool(skip)))], 1))
+
+
+REDUCED_TILE_CASES = {
+    "DynUNet, anisotropic strides": (
+        lambda: DynUNet(3, 1, 2, [3, 3, 3, 3], [1, 2, 2, [2, 2, 1]], [2, 2, [2, 2, 1]], filters=[4, 8, 16, 16]),
+        (1, 40, 24, 16),
+        (1, 8, 8, 4),
+    ),
+    "DynUNet, residual, instance norm": (
+        lambda: DynUNet(3, 2, 3, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 16], res_block=True),
+        (2, 24, 24, 24),
+        (2, 4, 4, 4),
+    ),
+    "pooling, upsampling, batch norm": (PoolingUNet, (1, 6, 20, 12), (1, 2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("name", REDUCED_TILE_CASES)
+def test_reduced_tile_gives_the_full_meta_pass_bytes(name: str) -> None:
+    """The activations measured on the exact reduced tile of the shape copy and scaled equal those of the
+    full-tile meta pass, in float32 and float16 (checked: a wrong convolution output size or a tile that does not
+    scale makes this fail)."""
+    torch.manual_seed(0)
+    build, tile, reduced = REDUCED_TILE_CASES[name]
+    network = build().eval()
+    assert memory_network.reduced_tile(memory_network.shape_copy(network), tile)[0] == reduced
+    for dtype in (FP32, FP16):
+        measured = memory.network_cost(network, tile, None if dtype == FP32 else dtype).activations
+        assert measured == meta_pass_activations(network, tile, dtype)
+
+
+def test_network_without_an_exact_reduced_tile_is_measured_on_the_full_tile() -> None:
+    """An unpadded convolution shrinks the tile by a constant: no reduced tile scales, the meta pass measures."""
+    network = nn.Sequential(nn.Conv3d(1, 4, 3), nn.ReLU())
+    assert memory_network.reduced_tile(memory_network.shape_copy(network), (1, 8, 8, 8)) is None
+    assert memory.network_cost(network, (1, 8, 8, 8), None).activations == 2 * 4 * 6**3 * 4
+
+
+def test_network_cost_does_not_import_dynamo() -> None:
+    """Measuring the AutoPET architecture in a fresh process leaves ``torch._dynamo`` unimported (a second of
+    start-up per container run otherwise)."""
+    code = (
+        "import sys, json; from pathlib import Path; from gcinfer import memory; "
+        "from gcinfer.pipelines.autopet.networks import build_network; "
+        "from gcinfer.pipelines.autopet.settings import load_settings; "
+        "config = json.loads(Path('docker/autopet2/config.json').read_text()); "
+        "network = build_network(load_settings(config, Path('/nonexistent'))).eval(); "
+        "memory.network_cost(network, (1, 128, 128, 128), None); "
+        "print('torch._dynamo' in sys.modules)"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPOSITORY)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split()[-1] == "False"
 
 
 # --- the tiling model against the engine ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from gcinfer.errors import InputError
-from gcinfer.io import read_image
+from gcinfer.io import Geometry, read_image
 from gcinfer.pipelines.amos import nnunet_v1
 
 with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -36,6 +36,7 @@ with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TASKS = ("task1", "task2")
+CROPPER_PROPERTIES = ("crop_bbox", "classes", "size_after_cropping")
 
 
 def models_of(task: str) -> list[str]:
@@ -155,6 +156,48 @@ def test_crop_is_shared_untouched(fixtures_dir, restored) -> None:
     assert np.array_equal(cropped.data, before)
 
 
+def crop_cases() -> dict[str, np.ndarray]:
+    """``(C, z, y, x)`` arrays for the crop: a CT (no zero), zero borders around a body with an enclosed hole (filled
+    by nnU-Net) and a notch open to a face of the box that is not the image's border (not filled), two channels
+    non-zero in different places, float64 values that float32 rounds to 0, a crop of one voxel."""
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1000, 1000, (1, 9, 10, 11)).astype(np.int16)
+    ct[ct == 0] = 1
+    body = np.zeros((1, 12, 14, 16), np.int16)
+    body[0, 2:10, 3:12, 1:15] = rng.integers(1, 100, (8, 9, 14))
+    body[0, 4:7, 5:8, 5:8] = 0  # enclosed hole
+    body[0, 3:5, 3:6, 1:4] = 0  # notch open to the box's y- and x-faces
+    two = np.zeros((2, 8, 9, 10), np.float32)
+    two[0, 1:3, 2:5, 3:4] = 1.5
+    two[1, 5:7, 1:2, 6:9] = -2.0
+    tiny = np.zeros((1, 6, 7, 8), np.float64)
+    tiny[0, 2:4, 2:5, 3:6] = 3.0
+    tiny[0, 0, 0, 0] = 1e-50  # 0 in float32: outside nnU-Net's box
+    single = np.zeros((1, 5, 5, 5), np.uint8)
+    single[0, 4, 0, 2] = 7
+    return {"ct": ct, "body": body, "two": two, "tiny": tiny, "single": single}
+
+
+@pytest.mark.parametrize("name", sorted(crop_cases()))
+def test_crop_is_nnunets_image_cropper(name: str) -> None:
+    """The crop, its mask and every property equal nnU-Net's ``ImageCropper.crop`` (hole filling, bounding box,
+    ``classes``), for masks with holes, open notches, several channels and values float32 rounds to 0."""
+    from nnunet.preprocessing.cropping import ImageCropper
+
+    channels = crop_cases()[name]
+    geometry = Geometry(channels.shape[:0:-1], (0.8, 0.9, 2.5), (1.0, -2.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    cropped = nnunet_v1.crop(channels, geometry)
+    with contextlib.redirect_stdout(io.StringIO()):
+        given = OrderedDict((k, v) for k, v in cropped.properties.items() if k not in CROPPER_PROPERTIES)
+        data, seg, properties = ImageCropper.crop(channels.astype(np.float32), given)
+    assert cropped.data.dtype == np.float32 and np.array_equal(cropped.data, data)
+    assert cropped.seg.dtype == np.int8 and np.array_equal(cropped.seg, seg)
+    assert list(cropped.properties) == list(properties)
+    for key, value in properties.items():
+        assert np.array_equal(cropped.properties[key], value), key
+        assert np.asarray(cropped.properties[key]).dtype == np.asarray(value).dtype, key
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_fold_networks_are_nnunets(task, restored, reference_trainers) -> None:
     """Each fold's network gives exactly the logits of nnU-Net's trainer network with that fold's parameters."""
@@ -260,3 +303,35 @@ def test_unknown_trainer_and_preprocessor_are_named(fixtures_dir, tmp_path) -> N
     rewrite_pkls(root / name, lambda info: info["plans"].update(preprocessor_name="NoSuchPreprocessor"))
     with pytest.raises(InputError, match=r"unknown preprocessor 'NoSuchPreprocessor' in the plans"):
         nnunet_v1.restore(root, [name], [0])
+
+
+def test_slim_results_folder_is_restored_by_nnunet_with_identical_networks(fixtures_dir, tmp_path) -> None:
+    """The slim copy of a results folder (``export.sh``'s model tarball): no optimizer state, smaller, other files
+    byte for byte; nnU-Net 1.7.1's own ``load_model_and_checkpoint_files`` + ``load_checkpoint_ram(train=False)``
+    restore it with torch's default ``weights_only=True`` (no environment override) and get the full checkpoints'
+    weights; restored here, each fold network gives exactly the full folder's logits."""
+    from gcinfer_dev.slim import INFERENCE_KEYS, is_checkpoint, slim_results_folder
+
+    source, slim = fixtures_dir / "amos_task1" / "model", tmp_path / "slim"
+    before, after = slim_results_folder(source, slim)
+    assert after < before
+    for path in source.rglob("*"):
+        if path.is_file() and not is_checkpoint(path):
+            assert (slim / path.relative_to(source)).read_bytes() == path.read_bytes()
+    name = models_of("task1")[0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer, parameters = load_model_and_checkpoint_files(
+            str(slim / name), [0, 1], mixed_precision=False, checkpoint_name="model_final_checkpoint"
+        )
+    for fold, checkpoint in zip((0, 1), parameters):
+        assert set(checkpoint) == set(INFERENCE_KEYS)
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.load_checkpoint_ram(checkpoint, False)
+        full = nnunet_v1.load_checkpoint(source / name / f"fold_{fold}" / "model_final_checkpoint.model")
+        state = trainer.network.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in full["state_dict"].items())
+    ours, theirs = (nnunet_v1.restore(root, [name], [0, 1])[0] for root in (slim, source))
+    tile = torch.randn((1, 1, *ours.patch_size), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for slim_network, full_network in zip(ours.networks, theirs.networks):
+            assert torch.equal(slim_network(tile), full_network(tile))

@@ -5,6 +5,7 @@ end to end on the fixtures (the same checks CI runs against the real images in `
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import tomllib
+import torch
 
 from gcinfer import entrypoint
 from gcinfer.config import Sockets, read_json
@@ -406,6 +408,29 @@ def test_container_test_stops_at_the_first_failing_command_of_a_phase(tmp_path: 
         r'FAILED \(exit 1, container-test\.sh line \d+: environment=\$\("\$ROOT/containers/setup-podman\.sh"\)\)$', row
     )
     assert "== ./build.sh" not in result.stderr and "./build.sh" not in result.stdout
+
+
+def test_export_packs_nnunet_checkpoints_slim(tmp_path: Path, fixtures_dir: Path) -> None:
+    """An nnU-Net v1 model folder is packed with slim checkpoints (no optimizer state; ``gcinfer_dev.slim``), the
+    other files as they are, and the bytes before and after are reported."""
+    engine_dir, models, dist = tmp_path / "bin", tmp_path / "models", tmp_path / "dist"
+    engine_dir.mkdir()
+    _fake_engine(engine_dir, "docker", answers=True)
+    source = fixtures_dir / "amos_task1" / "model"
+    shutil.copytree(source, models / "amos_task1" / "model")
+    env = {"PATH": f"{engine_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "DIST": str(dist)}
+    result = _run("export.sh", "amos_task1", "--no-build", "--models", str(models), env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"model: (\d+) bytes -> (\d+) bytes slim", result.stdout + result.stderr)
+    assert sorted(p.name for p in dist.iterdir()) == ["amos_task1-model.tar.gz", "gc-amos-task1.tar.gz"]
+    with tarfile.open(dist / "amos_task1-model.tar.gz") as archive:
+        names = sorted(n for n in archive.getnames() if archive.getmember(n).isfile())
+        assert names == sorted(f"./{p.relative_to(source)}" for p in source.rglob("*") if p.is_file())
+        checkpoints = [n for n in names if n.endswith(".model")]
+        assert len(checkpoints) == 6
+        for name in checkpoints:
+            checkpoint = torch.load(io.BytesIO(archive.extractfile(name).read()), weights_only=True)
+            assert "optimizer_state_dict" not in checkpoint and "state_dict" in checkpoint
 
 
 @pytest.fixture

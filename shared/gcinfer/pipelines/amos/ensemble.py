@@ -8,6 +8,8 @@ mean halves the memory when it does not.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,12 +48,75 @@ def labels_in_image(
     """Argmax (first class of a tie, as numpy's) of the crop's float16 ensemble mean (:func:`ensemble_mean` of the
     ``accumulated`` ensemble), pasted into the full image, background outside the crop.
 
+    Computed :data:`ARGMAX_SLICES` slices at a time by :func:`first_argmax_into`.
+
     Returns:
         ``(z, y, x)`` uint8 of ``geometry.shape_zyx`` on ``accumulated``'s device.
     """
     labels = torch.zeros(geometry.shape_zyx, dtype=torch.uint8, device=accumulated.device)
     region = labels[cropped.bbox]
+    scratch = _Scratch.like(accumulated[0, :ARGMAX_SLICES])
     for start in range(0, region.shape[0], ARGMAX_SLICES):
         step = slice(start, start + ARGMAX_SLICES)
-        region[step] = ensemble_mean(accumulated[:, step], configurations).argmax(0)
+        first_argmax_into(region[step], accumulated[:, step], configurations, scratch.first(len(region[step])))
     return labels
+
+
+@dataclass(frozen=True)
+class _Scratch:
+    """Buffers of one argmax slab ``(slices, y, x)``: the float16 best mean so far and its class (uint8), the current
+    class's float16 mean, its float32 quotient (float32 ensemble only), the comparison (bool) and its class or 0
+    (uint8)."""
+
+    best: torch.Tensor
+    label: torch.Tensor
+    mean: torch.Tensor
+    quotient: torch.Tensor | None
+    greater: torch.Tensor
+    candidate: torch.Tensor
+
+    @classmethod
+    def like(cls, slab: torch.Tensor) -> _Scratch:
+        def empty(dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(slab.shape, dtype=dtype, device=slab.device)
+
+        quotient = empty(torch.float32) if slab.dtype == torch.float32 else None
+        half, byte = torch.float16, torch.uint8
+        return cls(empty(half), empty(byte), empty(half), quotient, empty(torch.bool), empty(byte))
+
+    def first(self, slices: int) -> _Scratch:
+        """The buffers' first ``slices`` slices (the last slab of a crop may be shorter)."""
+        return _Scratch(*(None if b is None else b[:slices] for b in dataclasses.astuple(self)))
+
+
+def _mean_into(out: torch.Tensor, accumulated: torch.Tensor, configurations: int, quotient: torch.Tensor | None):
+    """``out`` (float16) = :func:`ensemble_mean` of one class's ``accumulated``, without allocating."""
+    if quotient is None:
+        out.copy_(accumulated)
+    else:
+        out.copy_(torch.div(accumulated, configurations, out=quotient))
+
+
+def first_argmax_into(labels: torch.Tensor, accumulated: torch.Tensor, configurations: int, scratch: _Scratch) -> None:
+    """``labels`` (uint8, any strides) = argmax over classes of the float16 mean of ``accumulated`` ``(K, *slab)``,
+    the first class of a tie winning and NaN the largest value, as ``torch.argmax`` (and numpy's) decide.
+
+    A running maximum over classes: per class a few in-place element-wise passes over the slab (no ``(K, *slab)``
+    temporary, no int64 index array), several times faster than ``argmax(0)`` over the class axis on the CPU. Class
+    ``k`` takes the voxels where its mean is strictly greater than the best so far (the first of equal means is
+    kept); as every class so far is below ``k``, that is ``max(label, k * greater)``, computed on the comparison
+    viewed as uint8 (torch's bool kernels are many times slower). NaN compares false, so voxels whose best ends up
+    NaN (``maximum`` propagates it) are redone with ``argmax``.
+    """
+    best, label = scratch.best, scratch.label
+    _mean_into(best, accumulated[0], configurations, scratch.quotient)
+    label.zero_()
+    for k in range(1, len(accumulated)):
+        _mean_into(scratch.mean, accumulated[k], configurations, scratch.quotient)
+        torch.gt(scratch.mean, best, out=scratch.greater)
+        torch.maximum(label, torch.mul(scratch.greater.view(torch.uint8), k, out=scratch.candidate), out=label)
+        torch.maximum(best, scratch.mean, out=best)
+    nan = best.isnan()
+    if nan.any():
+        label[nan] = ensemble_mean(accumulated[:, nan], configurations).argmax(0).to(label.dtype)
+    labels.copy_(label)

@@ -1,7 +1,7 @@
 """The memory of an AMOS case (:func:`gcinfer.pipelines.amos.pipeline.predict_case`), phase by phase, and its plan.
 
-The host cost of nnU-Net v1's cropping and preprocessing (``np.where`` of the non-zero mask, float64 spline
-resampling of the image and of the mask) is given per voxel, as measured with nnU-Net 1.7.1 on this project's
+The host cost of the non-zero crop and of nnU-Net v1's preprocessing (float64 spline resampling of the image and of
+the mask) is given per voxel, as measured with nnU-Net 1.7.1 on this project's
 machines (``benchmarks/bench_memory.py`` checks the model against the measured peak RSS of full-size cases). The
 other buffers follow the code (:func:`amos_phases` says which step each comes from).
 """
@@ -40,10 +40,12 @@ AMOS_PRECISIONS = ((torch.float32, torch.float32), (torch.float32, torch.float16
 configurations (ties of upstream's float16 values may then break the other way); a 16-bit tiling accumulator."""
 
 # nnU-Net v1 host costs, bytes per voxel (Nc: voxels of the non-zero crop, Nt: of a configuration's network input)
-NNUNET_CROP_PER_VOXEL = 32
-"""``ImageCropper.crop``: float32 copy, the mask and its hole filling, and the three int64 arrays of ``np.where``."""
+NNUNET_CROP_PER_VOXEL = 9
+"""``nnunet_v1.crop``: the non-zero mask (bool), the float32 crop, and a float32 cast of the image first when its dtype
+is one float32 does not hold exactly."""
 NNUNET_CROPPED_PER_VOXEL = 5
-"""What a crop keeps: float32 image and the non-zero mask as int8 (``nnunet_v1.crop`` casts nnU-Net's int64)."""
+"""What a crop keeps: float32 image and, once the normalisation reads it, the hole-filled non-zero mask as int8
+(nnU-Net's is int64); filling it (a few bool arrays) costs less than the preprocessing that follows."""
 NNUNET_PREPROCESS_PER_VOXEL = ((42, 10), (22, 32))
 """``Configuration.preprocess`` with 3D resampling: the largest of these (per Nc, per Nt) forms (float64 copies of the
 image and of the int64 mask, spline prefilters, outputs), plus :data:`NNUNET_PREPROCESS_FIXED`. Measured peaks:
@@ -171,8 +173,9 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
       the device) and the per-channel resampling back to the crop (the ensemble, the prediction, one resampled
       channel where the tiling is, its copy where the ensemble is when that differs, and its float16 rounding
       when the ensemble is float32);
-    - argmax into the uint8 label map ``(z, y, x)`` where the ensemble is (8 slices at a time: their float16 mean,
-      from a float32 quotient when the ensemble is float32, and the int64 argmax);
+    - argmax into the uint8 label map ``(z, y, x)`` where the ensemble is (a slab of 8 slices at a time, per voxel of
+      the slab: the best float16 mean and its class, the current class's float16 mean, its float32 quotient when the
+      ensemble is float32, the comparison and two bool/uint8 temporaries);
     - post-processing and writing on the host.
     The crop (:data:`NNUNET_CROPPED_PER_VOXEL`) stays on the host throughout.
     """
@@ -180,7 +183,7 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
     cropped = Buffer("nnU-Net crop", NNUNET_CROPPED_PER_VOXEL * n0, False)
     ensemble = Buffer("ensemble accumulator", choice.ensemble_dtype.itemsize * k * n0, choice.ensemble_on_device)
     slab_voxels = ARGMAX_SLICES * n0 // case.image_shape[0]
-    slab = slab_voxels * (8 + (6 * k if choice.ensemble_dtype == torch.float32 else 0))
+    slab = slab_voxels * (8 + (4 if choice.ensemble_dtype == torch.float32 else 0))
     phases = [
         Phase("read", (Buffer("image", 2 * case.image_itemsize * n0, False),)),
         Phase(

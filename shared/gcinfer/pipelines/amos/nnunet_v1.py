@@ -16,11 +16,11 @@ trainer's own network), with these differences:
   (:func:`load_checkpoint`), and ``.model.pkl`` with an unpickler that reads only plain data
   (:mod:`gcinfer.pipelines.amos.pickles`): a model folder never runs code.
 
-Preprocessing runs nnU-Net's own code on arrays already in memory: :func:`crop` is ``ImageCropper.crop``
-(non-zero bounding box) of the data ``load_case_from_list_of_files`` would have read, and
+Preprocessing runs on arrays already in memory: :func:`crop` gives what ``ImageCropper.crop`` (non-zero bounding
+box) gives for the data ``load_case_from_list_of_files`` would have read, computed in a fraction of its time, and
 :meth:`Configuration.preprocess` is the rest of ``GenericPreprocessor.preprocess_test_case`` (transpose_forward,
-then ``resample_and_normalize`` of the preprocessor class named in the plans, with the stage's target spacing).
-The crop does not depend on the plans and is shared by all configurations of a case.
+then ``resample_and_normalize`` of the preprocessor class named in the plans, with the stage's target spacing;
+nnU-Net's own code). The crop does not depend on the plans and is shared by all configurations of a case.
 
 Array axes: images are numpy (z, y, x) as read by SimpleITK; ``(C, z, y, x)`` with channels first. Preprocessed
 arrays are in the plans' transposed order, ``(C, *transpose_forward(z, y, x))``.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import os
@@ -42,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.ndimage import binary_fill_holes
 
 from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, cause_of, shown
 from gcinfer.io import Geometry
@@ -58,7 +60,6 @@ def quiet() -> Iterator[None]:
 with quiet(), warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # nnU-Net v1 imports scipy.ndimage.filters
     import nnunet
-    from nnunet.preprocessing.cropping import ImageCropper
     from nnunet.training.model_restore import recursive_find_python_class
     from nnunet.training.network_training.nnUNetTrainer import nnUNetTrainer
 
@@ -80,20 +81,30 @@ _NUMPY_CHECKPOINT_GLOBALS = [
 
 @dataclass(frozen=True)
 class Cropped:
-    """An image cropped to its non-zero bounding box by nnU-Net v1's ``ImageCropper.crop``.
+    """An image cropped to its non-zero bounding box, as nnU-Net v1's ``ImageCropper.crop`` crops it.
 
     Attributes:
         data: ``(C, z, y, x)`` float32, the crop.
-        seg: ``(1, z, y, x)`` int8, -1 outside the non-zero mask, 0 inside (used by ``use_mask_for_norm``;
-            nnU-Net keeps it as int64, 8 bytes a voxel, for the same values).
         properties: nnU-Net's case properties: ``original_size_of_raw_data``, ``original_spacing`` (z, y, x),
             ``itk_origin``/``itk_spacing``/``itk_direction``, ``crop_bbox`` (``[[z0, z1], [y0, y1], [x0, x1]]``),
             ``size_after_cropping`` (z, y, x), ``classes``.
     """
 
     data: np.ndarray
-    seg: np.ndarray
     properties: dict
+
+    @functools.cached_property
+    def seg(self) -> np.ndarray:
+        """``(1, z, y, x)`` int8: -1 outside nnU-Net's hole-filled non-zero mask, 0 inside (nnU-Net keeps it as
+        int64, 8 bytes a voxel, for the same values). Built on first use (only ``use_mask_for_norm`` and the
+        per-image z-score schemes read it) and kept for the other configurations.
+
+        Filling the holes of the crop's mask gives the crop of nnU-Net's filled full-image mask: outside the box
+        everything is background connected to the image border, so a background region of the crop is a hole in
+        the full image exactly when it does not touch the crop's faces.
+        """
+        filled = binary_fill_holes(_nonzero(self.data))
+        return (filled.astype(np.int8) - 1)[None]
 
     @property
     def bbox(self) -> tuple[slice, slice, slice]:
@@ -124,11 +135,22 @@ class Preprocessed:
 def crop(channels: np.ndarray, geometry: Geometry) -> Cropped:
     """Crop a case to its non-zero bounding box exactly as nnU-Net v1's ``preprocess_test_case`` does.
 
+    nnU-Net fills the holes of the non-zero mask of all channels, takes the bounding box of the filled mask (that
+    of the mask: filling adds no voxel outside it) and records ``np.unique`` of the crop's mask (-1 outside, 0
+    inside) as ``classes``: ``[-1, 0]`` exactly when a face of the crop has a zero voxel (background left after
+    filling touches the border). This computes the same from per-axis reductions of the mask, in milliseconds
+    per slice; the filled mask itself is built only where the normalisation reads it (:attr:`Cropped.seg`).
+
     Args:
         channels: ``(C, z, y, x)``, any numeric dtype (cast to float32 as nnU-Net does); at least one voxel must
             be non-zero.
         geometry: the image's geometry (of the first channel, as nnU-Net takes it).
     """
+    mask = _nonzero(channels)
+    bbox = [_extent(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    data = channels[(slice(None), *(slice(start, stop) for start, stop in bbox))].astype(np.float32)
+    box = mask[tuple(slice(start, stop) for start, stop in bbox)]
+    border_zero = any(not face.all() for axis in range(3) for face in (box.take(0, axis), box.take(-1, axis)))
     properties = OrderedDict(
         original_size_of_raw_data=np.array(geometry.size)[[2, 1, 0]],
         original_spacing=np.array(geometry.spacing)[[2, 1, 0]],
@@ -137,10 +159,25 @@ def crop(channels: np.ndarray, geometry: Geometry) -> Cropped:
         itk_origin=geometry.origin,
         itk_spacing=geometry.spacing,
         itk_direction=geometry.direction,
+        crop_bbox=bbox,
+        classes=np.array([-1, 0] if border_zero else [0]),
+        size_after_cropping=data[0].shape,
     )
-    with quiet():
-        data, seg, properties = ImageCropper.crop(channels.astype(np.float32), properties)
-    return Cropped(data, seg.astype(np.int8), properties)
+    return Cropped(data, properties)
+
+
+def _nonzero(channels: np.ndarray) -> np.ndarray:
+    """``(z, y, x)`` bool: voxels non-zero in any channel of ``(C, z, y, x)`` once cast to float32 (as nnU-Net tests
+    them); dtypes that float32 holds exactly are tested without the cast."""
+    if not np.can_cast(channels.dtype, np.float32):
+        channels = channels.astype(np.float32)
+    return np.any(channels != 0, axis=0) if len(channels) > 1 else channels[0] != 0
+
+
+def _extent(profile: np.ndarray) -> list[int]:
+    """``[first, last + 1]`` of the true entries of a 1D bool array (nnU-Net's bounding-box convention)."""
+    (indices,) = np.nonzero(profile)
+    return [int(indices[0]), int(indices[-1]) + 1]
 
 
 @dataclass(frozen=True)
