@@ -80,17 +80,17 @@ def tiled(
 ) -> torch.Tensor:
     """The configuration's tiled probabilities (nnU-Net mode, mirrored as the containers) on ``device``, returned on
     the CPU."""
-    from gcinfer.engine.tiling import predict_tiled
+    from gcinfer.engine.tiling import NnunetTiling, TileMemory, predict_tiled
 
     with configuration.networks_on(device) as networks:
         return predict_tiled(
             image.to(device),
             networks,
             configuration.patch_size,
-            mode="nnunet",
+            NnunetTiling(),
             mirror_axes=mirror_axes,
             autocast_dtype=autocast,
-            result_device="cpu",
+            memory=TileMemory(result_device=torch.device("cpu")),
             progress=False,
         )
 

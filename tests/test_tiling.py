@@ -297,7 +297,9 @@ def test_out_of_memory_with_the_result_on_another_device_retries_accumulating_on
     other = torch.device("cpu", 0)
     assert other != torch.device("cpu")
     with caplog.at_level(logging.WARNING, logger="gcinfer.engine.tiling"):
-        result = predict_tiled(image, failing, PATCH, mirror_axes=(0,), result_device=other, progress=False)
+        result = predict_tiled(
+            image, failing, PATCH, mirror_axes=(0,), memory=TileMemory(result_device=other), progress=False
+        )
     assert torch.equal(result, expected)
     assert failing.calls == max(failing_calls) + 1 + counting.calls  # up to the failure, then a whole run
     assert [r.getMessage() for r in caplog.records] == [
