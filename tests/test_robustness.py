@@ -872,11 +872,12 @@ def test_autopet_model_problems(row_id: str, fixtures_dir: Path, autopet_clean: 
 def cli_process(
     *argv: object, prefix: Sequence[str] = (), preexec: Callable[[], None] | None = None
 ) -> subprocess.Popen:
-    """``[PREFIX] python -m gcinfer.cli --no-progress ARGV`` in a subprocess (stderr piped, line-buffered text)."""
+    """``[PREFIX] python -m gcinfer.cli --no-progress ARGV`` in a subprocess (stdout and stderr piped, line-buffered
+    text)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
     command = [*prefix, sys.executable, "-m", "gcinfer.cli", "--no-progress", *[str(a) for a in argv]]
     return subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, preexec_fn=preexec
+        command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=preexec
     )
 
 
@@ -947,7 +948,7 @@ def test_interruption_leaves_no_partial_output(
         *AMOS_ARGS, "--input", many_amos_cases, "--output", output, "--model", fixtures_dir / "amos_task1" / "model"
     )
     started = time.monotonic()
-    for line in process.stderr:  # the run has started predicting once it logs its settings
+    for line in process.stdout:  # the run has started predicting once it logs its settings (INFO: stdout)
         if "amos-task1: 10 case(s)" in line:
             break
     time.sleep(2.0)

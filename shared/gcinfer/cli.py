@@ -20,14 +20,24 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TextIO
 
 from gcinfer.config import find_default_config, read_json
 from gcinfer.devices import resolve_device
 from gcinfer.errors import InputError
 from gcinfer.pipelines import PIPELINES, PipelineSpec, spec_of
-from gcinfer.runner import EXIT_FAILED, EXIT_INTERRUPTED, Interrupted, run_folder, sigterm_as_interruption
+from gcinfer.runner import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    SUMMARY_LOGGER,
+    Interrupted,
+    run_folder,
+    sigterm_as_interruption,
+)
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 TOOLS_GROUP = "gcinfer.tools"
 
@@ -92,6 +102,47 @@ def run_pipeline(args: argparse.Namespace) -> int:
     return run_folder(spec.command, pipeline, args.input, args.output)
 
 
+class _StreamOfTheMoment(logging.StreamHandler):
+    """A handler writing to ``sys.stdout`` or ``sys.stderr`` as they are when a record is emitted (not when the
+    handler was made), so that a redirected or captured stream still receives the log."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.stream_name = name
+
+    @property
+    def stream(self) -> TextIO:
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        """Ignored: the stream is looked up at every record."""
+
+
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.WARNING
+
+
+def configure_logging(level: int) -> None:
+    """INFO and DEBUG lines to stdout, warnings and errors to stderr, as Grand Challenge's runtime shows them (it logs
+    the process's stdout at INFO and its stderr at WARNING); the run's summary at INFO even under ``--quiet``.
+
+    Replaces the handlers of an earlier call (the CLI may run several times in one process, e.g. in tests).
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StreamOfTheMoment)]:
+        root.removeHandler(handler)
+    formatter = logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S")
+    out, err = _StreamOfTheMoment("stdout"), _StreamOfTheMoment("stderr")
+    out.addFilter(_below_warning)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger(SUMMARY_LOGGER).setLevel(min(level, logging.INFO))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gcinfer`` console script and of the container scripts; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -99,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if a in known), None)
     args = build_parser(command).parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging(level)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
     try:

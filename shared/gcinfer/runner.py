@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from gcinfer.pipelines.base import Pipeline
 
 log = logging.getLogger(__name__)
+SUMMARY_LOGGER = "gcinfer.summary"
+"""The logger of a run's summary (written at INFO even when the CLI is ``--quiet``)."""
+summary_log = logging.getLogger(SUMMARY_LOGGER)
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -143,11 +146,11 @@ def run_cases(
 
 
 def summarize(results: Sequence[CaseResult]) -> int:
-    """Log a summary naming the failed cases; return the process exit code."""
+    """Log a summary (INFO: stdout of the CLI) and one line per failed case (ERROR: stderr); return the exit code."""
     failed = [r for r in results if not r.ok]
-    log.info("%d case(s) written, %d failed", len(results) - len(failed), len(failed))
+    summary_log.info("%d case(s) written, %d failed", len(results) - len(failed), len(failed))
     for r in failed:
-        log.error("FAILED %s: %s", r.name, r.message)
+        summary_log.error("FAILED %s: %s", r.name, r.message)
     return EXIT_FAILED if failed or not results else EXIT_OK
 
 
