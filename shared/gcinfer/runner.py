@@ -154,14 +154,25 @@ def summarize(results: Sequence[CaseResult]) -> int:
     return EXIT_FAILED if failed or not results else EXIT_OK
 
 
-def run_folder(name: str, pipeline: Pipeline, input_dir: Path, output_dir: Path) -> int:
-    """Segment every case of ``input_dir`` into ``output_dir`` with a restored ``pipeline``; the exit code.
+def segment_folder(name: str, pipeline: Pipeline, input_dir: Path, output_dir: Path) -> tuple[int, list[CaseResult]]:
+    """Segment every case of ``input_dir`` into ``output_dir`` with a restored ``pipeline``, log the summary, and
+    let the pipeline finish the folder; the exit code and the result of each case.
 
     Raises:
         InputError: the folders themselves are unusable (no case is run).
     """
     cases = discover_cases(input_dir, output_dir, pipeline.sockets)
     log.info("%s: %d case(s), %s", name, len(cases), pipeline.describe())
-    code = summarize(run_cases(cases, pipeline.predict_case, pipeline.device))
+    results = run_cases(cases, pipeline.predict_case, pipeline.device)
+    code = summarize(results)
     pipeline.finish(output_dir, code == EXIT_OK)
-    return code
+    return code, results
+
+
+def run_folder(name: str, pipeline: Pipeline, input_dir: Path, output_dir: Path) -> int:
+    """:func:`segment_folder`'s exit code (exec mode: one folder per process).
+
+    Raises:
+        InputError: the folders themselves are unusable (no case is run).
+    """
+    return segment_folder(name, pipeline, input_dir, output_dir)[0]
