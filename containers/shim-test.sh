@@ -5,7 +5,7 @@
 # shim's own extraction.
 #
 # Usage: containers/shim-test.sh [NAME...] [--fixtures DIR] [--dist DIR] [--host]
-#   NAME        amos_task1, amos_task2, autopet2 (default: all); the images are built by ./build.sh --invoke
+#   NAME        amos_task1, amos_task2, autopet2 (default: all); first `./build.sh --invoke NAME` (cached layers)
 #   --fixtures  test inputs and models (default .cache/fixtures)
 #   --dist      where ./export.sh wrote <name>-model.tar.gz (default dist/)
 #   --host      no container: the shim in a venv of its own (.cache/shim-venv) runs the entry points on the host
@@ -86,7 +86,10 @@ test_image() {
     mkdir -p "$work"
     log "$name: tasks, their S3 files and the library's host outputs"
     "$PY" -m gcinfer_dev.shim_tasks prepare "$name" "$work" --fixtures "$FIXTURES" --model-tarball "$tarball"
-    [[ $HOST -eq 1 ]] || build_test_image "$name"
+    if [[ $HOST -eq 0 ]]; then
+        "$ROOT/build.sh" --invoke "$name"
+        build_test_image "$name"
+    fi
     for mode in exec invoke; do
         log "$name: sagemaker-shim invoke, $mode mode"
         run_mode "$name" "$mode" "$work" || true # the shim's own exit code: 0 even when a task failed

@@ -109,6 +109,13 @@ def check_task(name: str, work: Path, mode: str, definition: dict) -> tuple[list
     if result_text is None:
         return [f"no {RESULT} uploaded"], None
     result = json.loads(result_text)
+    config_path = container_config(name)
+    sockets = Sockets.of(read_json(config_path), config_path)
+    first = next(
+        i["relative_path"]
+        for i in definition["inputs"]
+        if i["relative_path"].startswith(f"images/{sockets.inputs[0]}/")
+    )
     duration_field = f"{mode}_duration"
     other = "exec_duration" if mode == "invoke" else "invoke_duration"
     seconds = _seconds(result.get(duration_field))
@@ -118,9 +125,8 @@ def check_task(name: str, work: Path, mode: str, definition: dict) -> tuple[list
             problems.append("return_code 0 for a corrupt input")
         if uploaded:
             problems.append(f"uploaded {sorted(uploaded)} for a failed task")
-        corrupt = definition["inputs"][0]["relative_path"]
-        if not any(corrupt in r["log"] and r["source"] == "stderr" for r in task_log(out / "shim.log", pk)):
-            problems.append(f"no error line of the process names {corrupt}")
+        if not any(first in r["log"] and r["source"] == "stderr" for r in task_log(out / "shim.log", pk)):
+            problems.append(f"no error line of the process names {first}")
         return problems, seconds
     if result["return_code"] != 0:
         problems.append(f"return_code {result['return_code']}: {result.get('user_process_last_stderr_lines')}")
