@@ -74,7 +74,7 @@ run_mode() {
     fi
     args=(--tasks "/shim/tasks-$mode.json" --mode "$mode" --model-key "$name-model.tar.gz")
     "$ENGINE" run --rm --platform linux/amd64 --user root "${RUN_FLAGS[@]}" --volume "$work:/shim" \
-        --mount type=volume,destination=/tmp --entrypoint /opt/shim/bin/python "$tag-shim-test" \
+        --mount type=volume,destination=/tmp --entrypoint /opt/shim/bin/python "$(tag_of "$name")-shim-test" \
         /opt/shim/run-tasks.py /shim "/shim/out/$mode" "${args[@]}" --cmd "$(command_json "$tag" "$name")" \
         --user "$("$ENGINE" image inspect --format '{{.Config.User}}' "$tag")"
 }
