@@ -4,8 +4,9 @@
 # loopback, with the environment Grand Challenge sets and the model tarball of ./export.sh going through S3 and the
 # shim's own extraction.
 #
-# Usage: containers/shim-test.sh [NAME...] [--fixtures DIR] [--dist DIR] [--host]
+# Usage: containers/shim-test.sh [NAME...] [--fixtures DIR] [--dist DIR] [--host] [--no-build]
 #   NAME        amos_task1, amos_task2, autopet2 (default: all); first `./build.sh --invoke NAME` (cached layers)
+#   --no-build  test gc-<name> and gc-<name>-invoke as they are
 #   --fixtures  test inputs and models (default .cache/fixtures)
 #   --dist      where ./export.sh wrote <name>-model.tar.gz (default dist/)
 #   --host      no container: the shim in a venv of its own (.cache/shim-venv) runs the entry points on the host
@@ -87,7 +88,7 @@ test_image() {
     log "$name: tasks, their S3 files and the library's host outputs"
     "$PY" -m gcinfer_dev.shim_tasks prepare "$name" "$work" --fixtures "$FIXTURES" --model-tarball "$tarball"
     if [[ $HOST -eq 0 ]]; then
-        "$ROOT/build.sh" --invoke "$name"
+        [[ $BUILD -eq 0 ]] || "$ROOT/build.sh" --invoke "$name"
         build_test_image "$name"
     fi
     for mode in exec invoke; do
@@ -100,11 +101,13 @@ test_image() {
 main() {
     local names=() name
     HOST=0
+    BUILD=1
     FIXTURES=${GCINFER_FIXTURES:-$ROOT/.cache/fixtures}
     DIST=${DIST:-$ROOT/dist}
     while [[ $# -gt 0 ]]; do
         case $1 in
             --host) HOST=1 ;;
+            --no-build) BUILD=0 ;;
             --fixtures) FIXTURES=${2:?--fixtures needs a folder}; shift ;;
             --dist) DIST=${2:?--dist needs a folder}; shift ;;
             -*) die "unknown option $1 (see the header of $0)" ;;
