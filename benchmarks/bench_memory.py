@@ -40,6 +40,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -307,12 +308,39 @@ def limit_address_space(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (extra, extra))
 
 
+class PeakSampler(threading.Thread):
+    """The peak of a ``/proc/self/status`` field that the kernel keeps no peak of (``VmData``: the private writable
+    memory ``RLIMIT_DATA`` caps), sampled every ``interval`` seconds until :meth:`stop`."""
+
+    def __init__(self, field: str, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.field, self.interval, self.peak = field, interval, status_bytes(field)
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            self.peak = max(self.peak, status_bytes(self.field))
+
+    def stop(self) -> int:
+        self._stopped.set()
+        self.join()
+        self.peak = max(self.peak, status_bytes(self.field))
+        return self.peak
+
+
 def child(name: str, work: Path, amos_configurations: int) -> None:
-    """Run one case in this (fresh) process under the limit; print a JSON line with the measurements."""
+    """Run one case in this (fresh) process under the limit; print a JSON line with the measurements: peak RSS
+    (``VmHWM``), and the growth during the case of RSS and of the virtual private data (``VmData``, sampled)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     limit_address_space(LIMIT_BYTES)
+    data_before, rss_before = status_bytes("VmData"), status_bytes("VmRSS")
+    sampler = PeakSampler("VmData")
+    sampler.start()
     result = run_amos(work, amos_configurations) if name == "amos" else run_autopet(work)
+    result["peak_data"] = sampler.stop()
     result["peak_rss"] = status_bytes("VmHWM")
+    result["data_growth"] = result["peak_data"] - data_before
+    result["rss_growth"] = result["peak_rss"] - rss_before
     print(json.dumps(result, default=str))
 
 
@@ -418,6 +446,12 @@ def main() -> int:
             continue
         ok = run["peak_rss"] < LIMIT_BYTES and run["output_ok"]
         failed |= not ok
+        notes.append(
+            f"{name}: during the case VmData grew {gib(run['data_growth'])} (peak {gib(run['peak_data'])}), RSS "
+            f"{gib(run['rss_growth'])} (VmHWM {gib(run['peak_rss'])}): virtual data beyond RSS "
+            f"{gib(run['data_growth'] - run['rss_growth'])}, kept free under RLIMIT_DATA: "
+            f"{gib(memory.VIRTUAL_MARGIN_BYTES)}"
+        )
         print(
             f"| {name} | {shapes[name]} | {classes[name]} | {t4['plan']} | {gib(t4['fp16'])} | {gib(t4['fp32'])} "
             f"| {run['pipeline_plan']} | {gib(run['cpu_estimate'])} | {gib(run['peak_rss'])}"

@@ -117,6 +117,7 @@ main() {
     phase "./test.sh --no-build" "$ROOT/test.sh" --no-build --fixtures "$FIXTURES"
     phase "./test_autopet.sh (3 studies)" test_autopet
     phase "./export.sh --no-build" "$ROOT/export.sh" --no-build --models "$FIXTURES"
+    phase "containers/shim-test.sh" "$ROOT/containers/shim-test.sh" --fixtures "$FIXTURES"
     phase "archives load" check_archives
     docker image prune --force >/dev/null || log "could not remove the dangling images"
     report

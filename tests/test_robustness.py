@@ -1197,14 +1197,14 @@ def cli_process(
     preexec: Callable[[], None] | None = None,
     python: Sequence[str] = ("-m", "gcinfer.cli"),
 ) -> subprocess.Popen:
-    """``[PREFIX] python PYTHON --no-progress ARGV`` in a subprocess (stderr piped, line-buffered text), with
-    SIGINT and SIGTERM at their default disposition whatever the test session's."""
+    """``[PREFIX] python PYTHON --no-progress ARGV`` in a subprocess (stdout and stderr piped, line-buffered text),
+    with SIGINT and SIGTERM at their default disposition whatever the test session's."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
     command = [*prefix, sys.executable, *python, "--no-progress", *[str(a) for a in argv]]
     return subprocess.Popen(
         command,
         stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         text=True,
         env=env,
         preexec_fn=default_interruption_signals(preexec),
@@ -1296,7 +1296,7 @@ def test_interruption_while_predicting_leaves_no_partial_output(
     process = cli_process(
         *AMOS_ARGS, "--input", many_amos_cases, "--output", output, "--model", fixtures_dir / "amos_task1" / "model"
     )
-    for line in process.stderr:  # the run has started predicting once it logs its settings
+    for line in process.stdout:  # the run has started predicting once it logs its settings (INFO: stdout)
         if "amos-task1: 10 case(s)" in line:
             break
     time.sleep(2.0)

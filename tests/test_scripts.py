@@ -152,6 +152,22 @@ def test_build_falls_back_to_podman_and_passes_flags(tmp_path: Path) -> None:
     ]
 
 
+def test_build_invoke_adds_the_invoke_variant(tmp_path: Path) -> None:
+    _fake_engine(tmp_path, "podman", answers=True)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable, "PIP_CERT": ""}
+    result = _run("build.sh", "--invoke", "autopet2", env=env)
+    assert result.returncode == 0, result.stderr
+    builds = [line for line in (tmp_path / "calls.log").read_text().splitlines() if " build " in line]
+    assert builds == [
+        f"podman build --platform linux/amd64 --file {REPOSITORY}/docker/autopet2/Dockerfile --tag gc-autopet2 "
+        f"{REPOSITORY}",
+        f"podman build --platform linux/amd64 --file {REPOSITORY}/docker/invoke/Dockerfile --build-arg "
+        f"IMAGE=gc-autopet2 --tag gc-autopet2-invoke {REPOSITORY}/docker/invoke",
+    ]
+    invoke = (REPOSITORY / "docker" / "invoke" / "Dockerfile").read_text()
+    assert re.findall(r"^CMD .*$", invoke, re.M) == ['CMD ["python", "run_inference.py", "serve"]']
+
+
 def test_build_rejects_an_unknown_name(tmp_path: Path) -> None:
     _fake_engine(tmp_path, "docker", answers=True)
     env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable}

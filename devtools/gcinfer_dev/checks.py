@@ -4,7 +4,8 @@ Used by ``test.sh`` and ``test_autopet.sh`` as ``python -m gcinfer_dev.checks <c
 ``gcinfer`` CLI: ``add_arguments`` and ``run``):
 
 - ``outputs``: the expected files and only those (the library's own case discovery on the same input), each a
-  uint8 label map on exactly its input's grid, voxel-identical to the library's output for the same input and
+  uint8 label map on exactly its input's grid (``.mha``: also as panimg imports it, :mod:`gcinfer_dev.panimg_check`),
+  voxel-identical to the library's output for the same input and
   weights computed on the host, and a mean Dice against the ground truth at or above the demo's target;
 - ``gc-input``: cases (flat folder or Grand Challenge layout) rewritten as one Grand Challenge job input:
   ``images/<socket>/<case>.mha`` and ``inputs.json``;
@@ -107,7 +108,12 @@ def check_case(
         return result
     if labels.dtype != np.uint8:
         result.problems.append(f"dtype {labels.dtype}, expected uint8")
-    result.problems += geometry_differences(geometry, header_geometry(case.inputs[first_socket]))
+    expected_geometry = header_geometry(case.inputs[first_socket])
+    result.problems += geometry_differences(geometry, expected_geometry)
+    if case.output.suffix == ".mha":  # the Grand Challenge layout, whose outputs Grand Challenge imports with panimg
+        from gcinfer_dev.panimg_check import check_file
+
+        result.problems += check_file(case.output, expected_geometry)
     if reference is None:
         result.problems.append("no reference output of the library for this case")
     else:

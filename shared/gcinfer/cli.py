@@ -20,14 +20,26 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import NoReturn, TextIO
 
+from gcinfer import serve
 from gcinfer.config import find_default_config, read_json
 from gcinfer.devices import resolve_device
 from gcinfer.errors import InputError, UsageError
-from gcinfer.pipelines import PIPELINES, PipelineSpec, spec_of
-from gcinfer.runner import EXIT_FAILED, EXIT_INTERRUPTED, Interrupted, run_folder, sigterm_as_interruption
+from gcinfer.pipelines import PIPELINES, Pipeline, PipelineSpec, spec_of
+from gcinfer.runner import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    SUMMARY_LOGGER,
+    Interrupted,
+    run_folder,
+    sigterm_as_interruption,
+)
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 TOOLS_GROUP = "gcinfer.tools"
 
@@ -65,8 +77,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, spec: PipelineSpec) 
     spec.module().add_arguments(parser)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; only ``command``'s module is imported (nnU-Net and MONAI load slowly)."""
+def build_parser(command: str | None = None, pipeline: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only the module of ``command`` (of ``pipeline`` for ``serve``) is imported (nnU-Net and
+    MONAI load slowly)."""
     parser = argparse.ArgumentParser(prog="gcinfer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the summary")
@@ -76,6 +89,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(spec.command, help=f"run the {spec.container} pipeline")
         if spec.command == command:
             add_pipeline_arguments(sub, spec)
+    server = commands.add_parser("serve", help="invoke mode: restore a pipeline once, segment on each POST /invoke")
+    served = server.add_subparsers(dest="pipeline", required=True)
+    for spec in PIPELINES:
+        sub = served.add_parser(spec.command, help=f"serve the {spec.container} pipeline")
+        if command == "serve" and spec.command == pipeline:
+            add_pipeline_arguments(sub, spec)
+            serve.add_arguments(sub)
     for name, module in tools().items():
         sub = commands.add_parser(name, help=f"tool: {name}")
         if name == command:
@@ -83,30 +103,94 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def run_pipeline(args: argparse.Namespace) -> int:
-    """Restore the pipeline of ``args.command`` once and segment ``args.input`` into ``args.output``."""
-    spec = spec_of(args.command)
+def restore(args: argparse.Namespace, command: str) -> Pipeline:
+    """The pipeline of ``command`` with its settings and networks restored (on ``args.device``)."""
+    spec = spec_of(command)
     args.device = resolve_device(args.device)
     config = load_config(args.config, spec.container)
-    pipeline = spec.module().load(args, config, str(args.config))
-    return run_folder(spec.command, pipeline, args.input, args.output)
+    return spec.module().load(args, config, str(args.config))
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    """Exec mode: restore the pipeline of ``args.command`` once and segment ``args.input`` into ``args.output``."""
+    return run_folder(args.command, restore(args, args.command), args.input, args.output)
+
+
+def run_server(args: argparse.Namespace) -> NoReturn:
+    """Invoke mode: listen first (health 503), restore the pipeline of ``args.pipeline``, then segment ``args.input``
+    into ``args.output`` on each ``POST /invoke`` until SIGTERM (:mod:`gcinfer.serve`); ends the process.
+
+    Raises:
+        InputError: the address cannot be bound or the pipeline cannot be restored.
+        Interrupted, KeyboardInterrupt: the signal came during an invocation.
+    """
+    with serve.listening(args.host, args.port) as server:
+        pipeline = restore(args, args.pipeline)
+        serve.serve_invocations(server, args.pipeline, pipeline, args.input, args.output)
+    # Stopped between invocations, nothing left to write: exit now. The runtime kills the process group 5 s after
+    # SIGTERM, and the interpreter's teardown of PyTorch and the pipeline's modules alone can take longer.
+    logging.shutdown()
+    os._exit(EXIT_OK)
+
+
+class _StreamOfTheMoment(logging.StreamHandler):
+    """A handler writing to ``sys.stdout`` or ``sys.stderr`` as they are when a record is emitted (not when the
+    handler was made), so that a redirected or captured stream still receives the log."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.stream_name = name
+
+    @property
+    def stream(self) -> TextIO:
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        """Ignored: the stream is looked up at every record."""
+
+
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.WARNING
+
+
+def configure_logging(level: int) -> None:
+    """INFO and DEBUG lines to stdout, warnings and errors to stderr, as Grand Challenge's runtime shows them (it logs
+    the process's stdout at INFO and its stderr at WARNING); the run's summary at INFO even under ``--quiet``.
+
+    Replaces the handlers of an earlier call (the CLI may run several times in one process, e.g. in tests).
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StreamOfTheMoment)]:
+        root.removeHandler(handler)
+    formatter = logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S")
+    out, err = _StreamOfTheMoment("stdout"), _StreamOfTheMoment("stderr")
+    out.addFilter(_below_warning)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger(SUMMARY_LOGGER).setLevel(min(level, logging.INFO))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gcinfer`` console script and of the container scripts; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    known = {spec.command for spec in PIPELINES} | set(tools())
-    command = next((a for a in argv if a in known), None)
-    args = build_parser(command).parse_args(argv)
+    pipelines = {spec.command for spec in PIPELINES}
+    command = next((a for a in argv if a in pipelines | {"serve"} | set(tools())), None)
+    after = argv[argv.index(command) + 1 :] if command == "serve" else []
+    pipeline = next((a for a in after if a in pipelines), None)
+    args = build_parser(command, pipeline).parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging(level)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
     try:
         with sigterm_as_interruption():
             if args.command in tools():
                 return importlib.import_module(tools()[args.command]).run(args)
-            return run_pipeline(args)
+            return run_server(args) if args.command == "serve" else run_pipeline(args)
     except (InputError, UsageError) as error:
         log.error("%s", error)
         return EXIT_FAILED

@@ -1,7 +1,9 @@
-"""Entry point of the container images: ``python run_inference.py [gcinfer options]`` in the image's work dir.
+"""Entry point of the container images: ``python run_inference.py [serve] [gcinfer options]`` in the image's work
+dir.
 
-It runs ``gcinfer <command>`` and fills in what a container run leaves unsaid (given options win, as do the
-``GC_INPUT``, ``GC_OUTPUT`` and ``GC_MODEL`` variables):
+It runs ``gcinfer <command>`` (exec mode), or with ``serve`` first ``gcinfer serve <command>`` (invoke mode: an
+HTTP server on 127.0.0.1:4743, :mod:`gcinfer.serve`), and fills in what a container run leaves unsaid (given
+options win, as do the ``GC_INPUT``, ``GC_OUTPUT`` and ``GC_MODEL`` variables):
 
 - ``--config``: the ``config.json`` next to ``run_inference.py``;
 - ``--model``: ``/opt/ml/model`` (Grand Challenge's model tarball) when it holds anything, else the ``model/``
@@ -43,9 +45,12 @@ def _given(argv: Sequence[str], option: str) -> bool:
 
 
 def container_argv(command: str, container_dir: Path, argv: Sequence[str], workspace: bool) -> list[str]:
-    """The ``gcinfer`` argument list: global options, ``command``, the container defaults, then ``argv``."""
+    """The ``gcinfer`` argument list: global options, [``serve``,] ``command``, the container defaults, then
+    ``argv``."""
     front = [a for a in argv if a in GLOBAL_OPTIONS]
     rest = [a for a in argv if a not in GLOBAL_OPTIONS]
+    if rest[:1] == ["serve"]:
+        front, rest = [*front, "serve"], rest[1:]
     defaults = ["--config", str(container_dir / "config.json")]
     if "GC_MODEL" not in os.environ:
         defaults += ["--model", str(model_folder(container_dir))]

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from gcinfer.pipelines.base import Pipeline
 
 log = logging.getLogger(__name__)
+SUMMARY_LOGGER = "gcinfer.summary"
+"""The logger of a run's summary (written at INFO even when the CLI is ``--quiet``)."""
+summary_log = logging.getLogger(SUMMARY_LOGGER)
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -144,16 +147,17 @@ def run_cases(
 
 
 def summarize(results: Sequence[CaseResult]) -> int:
-    """Log a summary naming the failed cases; return the process exit code."""
+    """Log a summary (INFO: stdout of the CLI) and one line per failed case (ERROR: stderr); return the exit code."""
     failed = [r for r in results if not r.ok]
-    log.info("%d case(s) written, %d failed", len(results) - len(failed), len(failed))
+    summary_log.info("%d case(s) written, %d failed", len(results) - len(failed), len(failed))
     for r in failed:
-        log.error("FAILED %s: %s", shown(r.name), r.message)
+        summary_log.error("FAILED %s: %s", shown(r.name), r.message)
     return EXIT_FAILED if failed or not results else EXIT_OK
 
 
-def run_folder(name: str, pipeline: Pipeline, input_dir: Path, output_dir: Path) -> int:
-    """Segment every case of ``input_dir`` into ``output_dir`` with a restored ``pipeline``; the exit code.
+def segment_folder(name: str, pipeline: Pipeline, input_dir: Path, output_dir: Path) -> tuple[int, list[CaseResult]]:
+    """Segment every case of ``input_dir`` into ``output_dir`` with a restored ``pipeline``, log the summary, and
+    let the pipeline finish the folder; the exit code and the result of each case.
 
     Raises:
         InputError: the folders themselves are unusable (no case is run): see :func:`discover_cases`, or an output
@@ -163,6 +167,16 @@ def run_folder(name: str, pipeline: Pipeline, input_dir: Path, output_dir: Path)
     for folder in sorted({case.output.parent for case in cases}):
         check_writable(folder)
     log.info("%s: %d case(s), %s", name, len(cases), pipeline.describe())
-    code = summarize(run_cases(cases, pipeline.predict_case, pipeline.device))
+    results = run_cases(cases, pipeline.predict_case, pipeline.device)
+    code = summarize(results)
     pipeline.finish(output_dir, code == EXIT_OK)
-    return code
+    return code, results
+
+
+def run_folder(name: str, pipeline: Pipeline, input_dir: Path, output_dir: Path) -> int:
+    """:func:`segment_folder`'s exit code (exec mode: one folder per process).
+
+    Raises:
+        InputError: the folders themselves are unusable (no case is run).
+    """
+    return segment_folder(name, pipeline, input_dir, output_dir)[0]

@@ -13,7 +13,7 @@ Each pipeline models its own phases next to its code (``gcinfer.pipelines.amos.m
 ``gcinfer.pipelines.autopet.memory``).
 """
 
-from gcinfer.memory.budget import DEVICE_MARGIN, GIB, HOST_MARGIN_BYTES, T4_FREE_BYTES, Budget
+from gcinfer.memory.budget import DEVICE_MARGIN, GIB, HOST_MARGIN_BYTES, T4_FREE_BYTES, VIRTUAL_MARGIN_BYTES, Budget
 from gcinfer.memory.model import (
     REDUCED_DTYPE,
     Buffer,
@@ -35,6 +35,7 @@ __all__ = [
     "HOST_MARGIN_BYTES",
     "REDUCED_DTYPE",
     "T4_FREE_BYTES",
+    "VIRTUAL_MARGIN_BYTES",
     "Budget",
     "Buffer",
     "Choice",

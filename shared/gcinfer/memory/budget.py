@@ -2,9 +2,10 @@
 
 The host's budget is the smallest cgroup memory limit along the process's own cgroup (the container's ``--memory``,
 a pod's or a systemd slice's limit) when there is one, else the physical memory, minus what the process already
-holds and a margin, and at most the address space ``ulimit -v`` leaves; the device's is its free memory plus
-PyTorch's cached free blocks, minus a margin for cuDNN workspaces and fragmentation. Tests and the benchmark pass
-budgets explicitly, e.g. :data:`T4_FREE_BYTES`.
+holds and a margin, and at most what the process's rlimits on virtual memory leave: ``RLIMIT_DATA`` (which Grand
+Challenge's runtime sets from the job's memory limit) and ``RLIMIT_AS`` (``ulimit -v``); the device's is its free
+memory plus PyTorch's cached free blocks, minus a margin for cuDNN workspaces and fragmentation. Tests and the
+benchmark pass budgets explicitly, e.g. :data:`T4_FREE_BYTES`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ T4_FREE_BYTES = (15360 - 600) * 2**20
 """A T4 as Grand Challenge's instances report it (15,360 MiB) minus ~600 MiB of CUDA context and cuDNN kernels."""
 HOST_MARGIN_BYTES = 512 * 2**20
 """Kept free on the host: allocator fragmentation, library buffers, thread stacks."""
+VIRTUAL_MARGIN_BYTES = 512 * 2**20
+"""Kept free under ``RLIMIT_DATA`` and ``RLIMIT_AS``: the planner models resident memory, but these limits count
+mapped memory, which grows beyond the resident during a case (allocator arenas, freed blocks not yet unmapped,
+thread stacks). ``benchmarks/bench_memory.py`` prints that gap for the full-size cases; this is a multiple of it."""
 DEVICE_MARGIN = 0.08
 """Fraction of the device budget kept free: cuDNN workspaces and the caching allocator's fragmentation."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -87,10 +92,16 @@ def rss_bytes() -> int:
     return status_bytes("VmRSS")
 
 
-def address_space_left_bytes() -> int | None:
-    """Address space this process may still map under ``RLIMIT_AS`` (``ulimit -v``); None when unlimited."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return None if soft == resource.RLIM_INFINITY else soft - status_bytes("VmSize")
+def virtual_memory_left_bytes() -> int | None:
+    """What this process may still map under its rlimits, less :data:`VIRTUAL_MARGIN_BYTES`: ``RLIMIT_DATA``
+    (private writable memory, ``VmData``; Grand Challenge's runtime sets it to the job's memory limit) and
+    ``RLIMIT_AS`` (all mappings, ``VmSize``; ``ulimit -v``). None when neither is set."""
+    left = []
+    for limit, field in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
+        soft, _ = resource.getrlimit(limit)
+        if soft != resource.RLIM_INFINITY:
+            left.append(soft - status_bytes(field) - VIRTUAL_MARGIN_BYTES)
+    return min(left, default=None)
 
 
 def device_free_bytes(device: torch.device) -> int | None:
@@ -124,7 +135,7 @@ class Budget:
             device_bytes, host_bytes: override the detection (before the margins), e.g. :data:`T4_FREE_BYTES`.
         """
         if host_bytes is None:
-            left = [host_limit_bytes() - rss_bytes(), address_space_left_bytes()]
+            left = [host_limit_bytes() - rss_bytes(), virtual_memory_left_bytes()]
             host_bytes = min(x for x in left if x is not None) + held_bytes - HOST_MARGIN_BYTES
         if device_bytes is None:
             device_bytes = device_free_bytes(device)
