@@ -147,10 +147,14 @@ def test_a_failing_case_answers_500_naming_the_file_and_the_server_stays_up(serv
 
 def test_a_concurrent_invoke_is_refused(server: Server, fixtures_dir: Path) -> None:
     fill_input(fixtures_dir, server.input)
+    started = server.log.read_text().count("autopet2: 1 case(s)")
     answers: list[tuple[int, str]] = []
     first = threading.Thread(target=lambda: answers.append(server.invoke()))
     first.start()
-    time.sleep(0.5)  # the first invoke is running (a case takes seconds)
+    deadline = time.monotonic() + 60
+    while server.log.read_text().count("autopet2: 1 case(s)") == started:  # until the first run has started its case
+        assert time.monotonic() < deadline and first.is_alive(), "the first invoke did not start a run"
+        time.sleep(0.01)
     second = request(server.port, "POST", "/invoke")
     first.join()
     assert second == (409, "another invoke is running\n")
