@@ -140,13 +140,6 @@ def check_task(name: str, work: Path, mode: str, definition: dict) -> tuple[list
         for key in reference
         if uploaded.get(key) not in (None, reference[key])
     ]
-    config_path = container_config(name)
-    sockets = Sockets.of(read_json(config_path), config_path)
-    first = next(
-        i["relative_path"]
-        for i in definition["inputs"]
-        if i["relative_path"].startswith(f"images/{sockets.inputs[0]}/")
-    )
     expected = header_geometry(work / "s3" / INPUT_BUCKET / pk / first)
     problems += check_socket(out / definition["output_prefix"] / "images" / sockets.output, expected)
     return problems, seconds
