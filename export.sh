@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the images, then write what Grand Challenge takes: the image archive and the model tarball.
 #
-# Usage: ./export.sh [NAME...] [--no-build] [--models DIR] [BUILD FLAGS...]
+# Usage: ./export.sh [NAME...] [--no-build | --models-only] [--models DIR] [BUILD FLAGS...]
+#   --models-only              write only the model tarballs (no build, no image archive, no container engine)
 #   dist/<tag>.tar.gz          `docker save` of the image, gzipped (Algorithm > Containers > upload)
 #   dist/<name>-model.tar.gz   the contents of DIR/<name>/model/ (Algorithm > Models > upload; Grand Challenge
 #                              extracts it to /opt/ml/model). DIR defaults to docker/, i.e. docker/<name>/model/;
@@ -59,10 +60,11 @@ save_model() {
 }
 
 main() {
-    local names=() build=1 models=$ROOT/docker flags=() name
+    local names=() build=1 images=1 models=$ROOT/docker flags=() name
     while [[ $# -gt 0 ]]; do
         case $1 in
             --no-build) build=0 ;;
+            --models-only) build=0 images=0 ;;
             --models) models=${2:?--models needs a folder}; shift ;;
             -*) flags=("$@"); break ;;
             *) check_name "$1"; names+=("$1") ;;
@@ -71,10 +73,10 @@ main() {
     done
     [[ ${#names[@]} -gt 0 ]] || names=("${NAMES[@]}")
     [[ $build -eq 0 ]] || "$ROOT/build.sh" "${names[@]}" "${flags[@]}"
-    select_engine
+    [[ $images -eq 0 ]] || select_engine
     mkdir -p "$DIST"
     for name in "${names[@]}"; do
-        save_image "$(tag_of "$name")"
+        [[ $images -eq 0 ]] || save_image "$(tag_of "$name")"
         save_model "$name" "$models/$name/model"
     done
     ls -l "$DIST"

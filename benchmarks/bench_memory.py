@@ -201,7 +201,7 @@ def amos_t4(variant: torch.dtype | None) -> amos_memory.AmosCase:
     return dataclasses.replace(case, configurations=folds)
 
 
-def run_amos(work: Path, configuration_count: int) -> dict:
+def run_amos(work: Path, configuration_count: int, overlap: str) -> dict:
     from gcinfer.config import Sockets
     from gcinfer.pipelines.amos import pipeline as amos
     from gcinfer.runner import StageLog
@@ -217,6 +217,7 @@ def run_amos(work: Path, configuration_count: int) -> dict:
         (),
         int(config["tile_batch_size"]),
         config["postprocessing"],
+        overlap,
     )
     cpu = torch.device("cpu")
     costs = amos_memory.amos_network_costs(configurations, cpu)
@@ -227,7 +228,9 @@ def run_amos(work: Path, configuration_count: int) -> dict:
         AMOS_SHAPE, 2, AMOS_SPACING, configurations, costs, bool(settings.mirror_axes), cpu
     )
     plan = cpu_estimate(
-        lambda budget: amos_memory.plan_amos(case.name, estimate, settings.tile_batch_size, budget, cpu)
+        lambda budget: amos_memory.plan_amos(
+            case.name, estimate, settings.tile_batch_size, budget, cpu, settings.overlaps_on(cpu)
+        )
     )
     stages, start = StageLog(case.name, cpu), time.perf_counter()
     amos.predict_case(case, pipeline, stages)
@@ -328,7 +331,7 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
-def child(name: str, work: Path, amos_configurations: int) -> None:
+def child(name: str, work: Path, amos_configurations: int, amos_overlap: str) -> None:
     """Run one case in this (fresh) process under the limit; print a JSON line with the measurements: peak RSS
     (``VmHWM``), and the growth during the case of RSS and of the virtual private data (``VmData``, sampled)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -336,7 +339,7 @@ def child(name: str, work: Path, amos_configurations: int) -> None:
     data_before, rss_before = status_bytes("VmData"), status_bytes("VmRSS")
     sampler = PeakSampler("VmData")
     sampler.start()
-    result = run_amos(work, amos_configurations) if name == "amos" else run_autopet(work)
+    result = run_amos(work, amos_configurations, amos_overlap) if name == "amos" else run_autopet(work)
     result["peak_data"] = sampler.stop()
     result["peak_rss"] = status_bytes("VmHWM")
     result["data_growth"] = result["peak_data"] - data_before
@@ -344,7 +347,7 @@ def child(name: str, work: Path, amos_configurations: int) -> None:
     print(json.dumps(result, default=str))
 
 
-def measure(name: str, work: Path, amos_configurations: int) -> dict:
+def measure(name: str, work: Path, amos_configurations: int, amos_overlap: str) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -354,6 +357,8 @@ def measure(name: str, work: Path, amos_configurations: int) -> dict:
         str(work),
         "--amos-configurations",
         str(amos_configurations),
+        "--amos-overlap",
+        amos_overlap,
     ]
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     plan_lines = [line for line in completed.stderr.splitlines() if "memory plan" in line]
@@ -418,10 +423,16 @@ def main() -> int:
         default=3,
         help="AMOS configurations run on the CPU, largest network grid first (default 3)",
     )
+    parser.add_argument(
+        "--amos-overlap",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="AMOS: preprocess the next configuration while one predicts (default auto: off on the CPU)",
+    )
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.work, args.amos_configurations)
+        child(args.child, args.work, args.amos_configurations, args.amos_overlap)
         return 0
     make_inputs(args.work)
     shapes = {"amos": "CT 512x512x600 (x,y,z)", "autopet": "PET 400x400x700, CT 512x512x700"}
@@ -433,7 +444,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     failed, notes, runs = False, [], {}
     for name in args.cases:
-        t4, run = t4_estimates(name), measure(name, args.work, args.amos_configurations)
+        t4, run = t4_estimates(name), measure(name, args.work, args.amos_configurations, args.amos_overlap)
         runs[name] = run
         if "refusal" in t4:
             notes.append(f"T4 plan for {name}: {t4['refusal']}")

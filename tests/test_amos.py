@@ -212,6 +212,21 @@ def test_parity_with_reference(task, task1_run, task2_run, references) -> None:
         assert differing <= 1
 
 
+def test_overlapped_preprocessing_writes_the_same_bytes(
+    task1_run, task1_inputs, fixtures_dir, tmp_path, caplog
+) -> None:
+    """``--overlap on`` on the CPU (each configuration preprocessed on a background thread while the previous one
+    predicts): the same label maps byte for byte as the default run (``auto``: not overlapped on the CPU)."""
+    caplog.set_level(logging.INFO)
+    model_dir = fixtures_dir / "amos_task1" / "model"
+    assert gcinfer("amos-task1", task1_inputs, tmp_path, model_dir, *folds_option(), "--overlap", "on") == 0
+    plans = [r.getMessage() for r in caplog.records if "memory plan" in r.getMessage()]
+    assert len(plans) == 2 and all(", preprocessing overlapped |" in line for line in plans)
+    expected = files_under(task1_run["output"])
+    assert [p.name for p in files_under(tmp_path)] == [p.name for p in expected]
+    assert all((tmp_path / p.name).read_bytes() == p.read_bytes() for p in expected)
+
+
 @pytest.mark.parametrize(
     ("precision", "minimum"),
     # observed on the fixture cases: 99.9992 % (fp16 ensemble), 99.9960 % (bf16 tiling); limits: 2.5x those mismatches
@@ -388,6 +403,7 @@ def test_settings_merge_config_and_options() -> None:
     [
         (lambda c: c.pop("folds"), r"invalid AMOS configuration \(missing or malformed entry 'folds'\)"),
         (lambda c: c.update(step_size=1.5), r"step_size must be in \(0, 1\], got 1.5"),
+        (lambda c: c.update(overlap="yes"), r"overlap must be one of auto, on, off, got 'yes'"),
         (
             lambda c: c["sockets"].update(inputs=["ct", "mr"]),
             r"the AMOS pipelines take exactly one input socket, got \('ct', 'mr'\)",

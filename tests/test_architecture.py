@@ -33,6 +33,7 @@ LAYERS = (
         "gcinfer.io",
         "gcinfer.cases",
         "gcinfer.devices",
+        "gcinfer.background",
         "gcinfer.memory.budget",
     ),
     ("gcinfer.engine",),

@@ -10,7 +10,9 @@ host's memory and a phase's device and host buffers add up. Each pipeline descri
 2. the tiling accumulator on the device, else on the host (the tiles still run on the device; nnU-Net v1 itself
    accumulated on the host);
 3. the ensemble accumulator on the device (AMOS), else on the host;
-4. the configured number of tiles per forward pass, else half as many, down to one.
+4. the configured number of tiles per forward pass, else half as many, down to one;
+5. where the pipeline can overlap host work with the device's (AMOS: preprocessing the next configuration while one
+   predicts), overlapped, else one after the other.
 
 A case that fits no choice raises :class:`MemoryPlanError` (an ``InputError``: the runner reports the case as
 failed and goes on with the others) before any prediction work.
@@ -83,6 +85,7 @@ class Choice:
         tiling_dtype: the tiling engine's accumulator and result.
         ensemble_dtype: the AMOS cross-configuration accumulator (AMOS: float32 holds upstream's exact
             sum, float16 a running mean); AutoPET's fold accumulator is float32 whatever this says.
+        overlap: the next configuration is preprocessed on the host while the current one predicts (AMOS).
     """
 
     tiling_dtype: torch.dtype
@@ -90,13 +93,14 @@ class Choice:
     tiling_on_device: bool
     ensemble_on_device: bool
     tile_batch_size: int
+    overlap: bool = False
 
     def describe(self, device: torch.device | str = "device") -> str:
         where = lambda on_device: str(device) if on_device else "host"  # noqa: E731
         return (
             f"tiling {_dtype_name(self.tiling_dtype)} on {where(self.tiling_on_device)}, "
             f"ensemble {_dtype_name(self.ensemble_dtype)} on {where(self.ensemble_on_device)}, "
-            f"{self.tile_batch_size} tile(s)/batch"
+            f"{self.tile_batch_size} tile(s)/batch" + (", preprocessing overlapped" if self.overlap else "")
         )
 
 
@@ -108,7 +112,9 @@ Precisions = Sequence[tuple[torch.dtype, torch.dtype]]
 """(tiling dtype, ensemble dtype) pairs, preferred first."""
 
 
-def candidates(tile_batch_size: int, precisions: Precisions, ensemble: bool = True) -> list[Choice]:
+def candidates(
+    tile_batch_size: int, precisions: Precisions, ensemble: bool = True, overlap: bool = False
+) -> list[Choice]:
     """Every choice, most preferred first (see the module docstring).
 
     Args:
@@ -116,14 +122,16 @@ def candidates(tile_batch_size: int, precisions: Precisions, ensemble: bool = Tr
         precisions: the pipeline's (tiling dtype, ensemble dtype) pairs, preferred first.
         ensemble: the pipeline has an ensemble accumulator (AMOS) placed apart from the tiling's (never on the
             device while the tiling accumulates on the host); else it lives where the tiling result is.
+        overlap: the pipeline may overlap host work with the device's: each choice is offered overlapped first.
     """
     batches = sorted({max(tile_batch_size >> k, 1) for k in range(max(tile_batch_size, 1).bit_length())}, reverse=True)
     placements = ((True, True), (True, False), (False, False)) if ensemble else ((True, True), (False, False))
     return [
-        Choice(tiling_dtype, ensemble_dtype, tiling, ensemble_on_device, batch)
+        Choice(tiling_dtype, ensemble_dtype, tiling, ensemble_on_device, batch, overlapped)
         for tiling_dtype, ensemble_dtype in precisions
         for tiling, ensemble_on_device in placements
         for batch in batches
+        for overlapped in ((True, False) if overlap else (False,))
     ]
 
 

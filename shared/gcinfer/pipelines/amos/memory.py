@@ -31,6 +31,7 @@ from gcinfer.memory.model import (
 from gcinfer.memory.network import NetworkCost, network_cost
 from gcinfer.memory.tiling import Tiling, tiling_phases
 from gcinfer.pipelines.amos.ensemble import ARGMAX_SLICES
+from gcinfer.pipelines.amos.inputs import input_sources
 
 if TYPE_CHECKING:
     from gcinfer.pipelines.amos import nnunet_v1
@@ -65,12 +66,15 @@ POSTPROCESS_PER_VOXEL = 8
 
 @dataclass(frozen=True)
 class AmosConfiguration:
-    """One nnU-Net configuration of a case: its tiled prediction and preprocessing, and its fold networks."""
+    """One nnU-Net configuration of a case: its tiled prediction and preprocessing, its fold networks, and the index
+    of the earlier configuration whose network input it takes (:func:`~gcinfer.pipelines.amos.inputs.input_sources`;
+    None: it preprocesses its own)."""
 
     tiling: Tiling
     separate_z: bool
     network: NetworkCost
     folds: int
+    input_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ class AmosCase:
         """From the image's shape, pixel size and spacing, the restored configurations (with their
         :func:`amos_network_costs`) and whether tiles are mirrored; network input shapes as nnU-Net v1's
         preprocessing gives them."""
+        sources = input_sources(configurations, spacing_zyx, 1)
         models = tuple(
             AmosConfiguration(
                 Tiling(
@@ -121,8 +126,9 @@ class AmosCase:
                 nnunet_separate_z(type(c.preprocessor), spacing_zyx, c.target_spacing),
                 cost,
                 len(c.networks),
+                None if source == index else source,
             )
-            for c, cost in zip(configurations, costs)
+            for index, (c, cost, source) in enumerate(zip(configurations, costs, sources))
         )
         return cls(
             tuple(image_shape),
@@ -158,9 +164,33 @@ def nnunet_separate_z(preprocessor_class: type, spacing_zyx: Sequence[float], ta
 
 
 def _preprocess_bytes(cropped: int, configuration: AmosConfiguration) -> int:
+    if configuration.input_of is not None:
+        return 0
     forms = NNUNET_PREPROCESS_SEPARATE_Z_PER_VOXEL if configuration.separate_z else NNUNET_PREPROCESS_PER_VOXEL
     per_voxel = max(per_crop * cropped + per_input * configuration.tiling.voxels for per_crop, per_input in forms)
     return per_voxel + NNUNET_PREPROCESS_FIXED
+
+
+def _kept_inputs(case: AmosCase, index: int, own: bool) -> list[Buffer]:
+    """Network inputs kept on the host at configuration ``index`` for later configurations that take them: those of
+    earlier configurations, and with ``own`` configuration ``index``'s (a host copy only when the device is not the
+    CPU; on the CPU it is the network input itself)."""
+    models = case.configurations
+    later = {m.input_of for m in models[index + 1 :]} - {None}
+    return [
+        Buffer(f"input of {source + 1} kept", 4 * models[source].tiling.channels * models[source].tiling.voxels, False)
+        for source in sorted(later)
+        if source < index or (own and source == index and not case.weights_on_host)
+    ]
+
+
+def _background_preprocessing(case: AmosCase, index: int, choice: Choice) -> list[Buffer]:
+    """With ``choice.overlap``, the preprocessing of the next configuration that needs its own, running while
+    configuration ``index`` predicts and resamples."""
+    upcoming = next((m for m in case.configurations[index + 1 :] if m.input_of is None), None)
+    if not choice.overlap or upcoming is None:
+        return []
+    return [Buffer("next preprocessing", _preprocess_bytes(case.voxels, upcoming), False)]
 
 
 def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
@@ -168,11 +198,12 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
 
     - read: the SimpleITK image and its numpy copy;
     - crop: the image and nnU-Net's cropping (:data:`NNUNET_CROP_PER_VOXEL`);
-    - per configuration: preprocess (the crop, nnU-Net's resampling, the ensemble accumulator ``(K, *crop)``),
-      the tiled prediction (:func:`tiling_phases`, result in the tiling dtype, the configuration's fold weights on
-      the device) and the per-channel resampling back to the crop (the ensemble, the prediction, one resampled
-      channel where the tiling is, its copy where the ensemble is when that differs, and its float16 rounding
-      when the ensemble is float32);
+    - per configuration: preprocess (the crop, nnU-Net's resampling unless the configuration takes an earlier
+      one's input, the ensemble accumulator ``(K, *crop)``), the tiled prediction (:func:`tiling_phases`, result in
+      the tiling dtype, the configuration's fold weights on the device) and the per-channel resampling back to the
+      crop (the ensemble, the prediction, one resampled channel where the tiling is, its copy where the ensemble is
+      when that differs, and its float16 rounding when the ensemble is float32); prediction and resampling also hold
+      :func:`_kept_inputs` and :func:`_background_preprocessing`;
     - argmax into the uint8 label map ``(z, y, x)`` where the ensemble is (a slab of 8 slices at a time, per voxel of
       the slab: the best float16 mean and its class, the current class's float16 mean, its float32 quotient when the
       ensemble is float32, the comparison and two bool/uint8 temporaries);
@@ -195,20 +226,29 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
         tiling, on = configuration.tiling, choice.tiling_on_device
         weights = 0 if case.weights_on_host else configuration.network.weights * configuration.folds
         channel = choice.tiling_dtype.itemsize * n0
+        index = number - 1
+        resident = (
+            cropped,
+            ensemble,
+            *_kept_inputs(case, index, own=True),
+            *_background_preprocessing(case, index, choice),
+        )
         phases += numbered(
             [
                 Phase(
                     "preprocess",
-                    (cropped, ensemble, Buffer("preprocessing", _preprocess_bytes(n0, configuration), False)),
-                ),
-                *tiling_phases(
-                    tiling, choice, configuration.network, choice.tiling_dtype, weights, (cropped, ensemble)
-                ),
-                Phase(
-                    "resample",
                     (
                         cropped,
                         ensemble,
+                        *_kept_inputs(case, index, own=False),
+                        Buffer("preprocessing", _preprocess_bytes(n0, configuration), False),
+                    ),
+                ),
+                *tiling_phases(tiling, choice, configuration.network, choice.tiling_dtype, weights, resident),
+                Phase(
+                    "resample",
+                    (
+                        *resident,
                         Buffer("probabilities", choice.tiling_dtype.itemsize * k * tiling.voxels, on),
                         Buffer("resampled channel", channel, on),
                         Buffer(
@@ -248,12 +288,14 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
     return phases
 
 
-def plan_amos(case_name: str, case: AmosCase, tile_batch_size: int, budget: Budget, device: torch.device) -> Plan:
-    """The most preferred choice that fits ``budget`` for an AMOS case (see :func:`amos_phases`).
+def plan_amos(
+    case_name: str, case: AmosCase, tile_batch_size: int, budget: Budget, device: torch.device, overlap: bool = False
+) -> Plan:
+    """The most preferred choice that fits ``budget`` for an AMOS case (see :func:`amos_phases`); with ``overlap``,
+    each choice overlapped (the next configuration preprocessed while one predicts) when that fits too.
 
     Raises:
         MemoryPlanError: the case fits no choice.
     """
-    return choose(
-        case_name, lambda c: amos_phases(case, c), candidates(tile_batch_size, AMOS_PRECISIONS), budget, device
-    )
+    choices = candidates(tile_batch_size, AMOS_PRECISIONS, overlap=overlap)
+    return choose(case_name, lambda c: amos_phases(case, c), choices, budget, device)

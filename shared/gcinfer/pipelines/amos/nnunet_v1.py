@@ -34,6 +34,7 @@ import functools
 import io
 import logging
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -45,16 +46,19 @@ import numpy as np
 import torch
 from scipy.ndimage import binary_fill_holes
 
+from gcinfer.background import SharedPatch
 from gcinfer.errors import DESERIALIZATION_ERRORS, InputError, cause_of, shown
 from gcinfer.io import Geometry
 from gcinfer.pipelines.amos.pickles import load_pickle
+from gcinfer.pipelines.amos.threaded_resize import threads_for_nnunet
+
+_SILENT_STDOUT = SharedPatch(sys, "stdout", lambda _: io.StringIO())
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Discard what nnU-Net v1 prints to stdout (import banner, per-case preprocessing details)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+def quiet() -> contextlib.AbstractContextManager[None]:
+    """Discard what nnU-Net v1 prints to stdout (import banner, per-case preprocessing details), from any thread
+    (a configuration preprocessed in the background while another thread restores or preprocesses)."""
+    return _SILENT_STDOUT.applied()
 
 
 with quiet(), warnings.catch_warnings():
@@ -214,7 +218,8 @@ class Configuration:
     target_spacing: np.ndarray
 
     def preprocess(self, cropped: Cropped) -> Preprocessed:
-        """The rest of ``GenericPreprocessor.preprocess_test_case`` after the crop, on a copy of ``cropped``.
+        """The rest of ``GenericPreprocessor.preprocess_test_case`` after the crop, on a copy of ``cropped``: nnU-Net's
+        own code, its image resampling on every CPU (:mod:`.threaded_resize`, bit for bit).
 
         Returns:
             The network input in transposed order, and nnU-Net's properties for the case.
@@ -222,7 +227,7 @@ class Configuration:
         axes = (0, *[a + 1 for a in self.transpose_forward])
         data = np.array(cropped.data.transpose(axes))
         seg = np.array(cropped.seg.transpose(axes)) if self.normalisation_reads_mask(len(data)) else None
-        with quiet():
+        with quiet(), threads_for_nnunet():
             data, _, properties = self.preprocessor.resample_and_normalize(
                 data, self.target_spacing, copy.deepcopy(cropped.properties), seg, force_separate_z=None
             )

@@ -6,7 +6,8 @@ with ``merge``, then applies the organ-wise post-processing. This module compute
 everything on the device and nothing written but the final label map. Per case:
 
 1. read the image and crop it to its non-zero bounding box (nnU-Net's crop, shared by all configurations);
-2. per configuration: preprocess as nnU-Net v1 does for its plans (:mod:`.nnunet_v1`), predict all its
+2. per configuration: preprocess as nnU-Net v1 does for its plans (:mod:`.nnunet_v1`; once for configurations that
+   preprocess alike, the next one while the current one predicts where the plan allows: :mod:`.inputs`), predict all its
    folds in one tiled pass (:func:`gcinfer.engine.tiling.predict_tiled`, nnU-Net mode: step 0.5, Gaussian, 8 mirrors,
    fp16 autocast on CUDA), resample that fold mean per channel to the crop's shape (trilinear, as the AMOS
    inference code does), transpose it back and add it to the ensemble accumulator (:func:`accumulate`);
@@ -57,6 +58,7 @@ from gcinfer.io import ImageHeader, check_finite_as, read_header, read_image, wr
 from gcinfer.memory import Budget, NetworkCost, Plan
 from gcinfer.pipelines.amos import nnunet_v1
 from gcinfer.pipelines.amos.ensemble import accumulate, labels_in_image
+from gcinfer.pipelines.amos.inputs import NetworkInputs
 from gcinfer.pipelines.amos.memory import AmosCase, amos_network_costs, plan_amos
 from gcinfer.pipelines.amos.postprocessing import backend_for, parse_table, postprocess_organs
 
@@ -64,6 +66,8 @@ if TYPE_CHECKING:  # the runner hands each case a StageLog; pipelines only call 
     from gcinfer.runner import StageLog
 
 log = logging.getLogger(__name__)
+
+OVERLAP_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ class Settings:
         mirror_axes: spatial axes mirrored at test time (empty: no test-time augmentation).
         tile_batch_size: tiles per forward pass (speed and memory only).
         postprocessing: the organ-wise post-processing table, or None to skip it.
+        overlap: ``auto``, ``on`` or ``off``: preprocess the next configuration on the host while one predicts
+            (``auto``: on CUDA devices, where the host is otherwise idle; the memory plan may still refuse it).
     """
 
     sockets: Sockets
@@ -89,6 +95,11 @@ class Settings:
     mirror_axes: tuple[int, ...]
     tile_batch_size: int
     postprocessing: dict | None
+    overlap: str = "auto"
+
+    def overlaps_on(self, device: torch.device) -> bool:
+        """Whether :attr:`overlap` allows overlapping the host's preprocessing with prediction on ``device``."""
+        return self.overlap == "on" or (self.overlap == "auto" and device.type == "cuda")
 
     @property
     def tiling(self) -> NnunetTiling:
@@ -103,6 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tta", action="store_true", help="no test-time mirroring")
     parser.add_argument("--step-size", type=float, default=None, help="tile step, fraction of the patch (default 0.5)")
     parser.add_argument("--no-postprocessing", action="store_true", help="skip the organ-wise post-processing")
+    parser.add_argument(
+        "--overlap",
+        choices=OVERLAP_CHOICES,
+        help="preprocess the next configuration while one predicts (default: the config's, auto = on CUDA)",
+    )
 
 
 def settings_from(args: argparse.Namespace, config: dict, source: str) -> Settings:
@@ -122,9 +138,14 @@ def settings_from(args: argparse.Namespace, config: dict, source: str) -> Settin
             mirror_axes=() if args.no_tta else tuple(int(a) for a in config["mirror_axes"]),
             tile_batch_size=int(config.get("tile_batch_size", 1)),
             postprocessing=None if args.no_postprocessing else config["postprocessing"],
+            overlap=str(args.overlap or config.get("overlap", "auto")),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(f"{shown(source)}: invalid AMOS configuration (missing or malformed entry {error})") from None
+    if settings.overlap not in OVERLAP_CHOICES:
+        raise InputError(
+            f"{shown(source)}: overlap must be one of {', '.join(OVERLAP_CHOICES)}, got {settings.overlap!r}"
+        )
     if len(settings.sockets.inputs) != 1:
         raise InputError(
             f"{shown(source)}: the AMOS pipelines take exactly one input socket, got {settings.sockets.inputs}"
@@ -163,37 +184,47 @@ def ensemble_probabilities(
     """Each configuration's mean softmax over folds and mirrors, on the crop, accumulated (:func:`accumulate`).
 
     The tiling accumulates and returns in ``plan``'s tiling dtype on ``plan.tiling_device``; the ensemble is
-    ``plan.choice.ensemble_dtype`` on ``plan.ensemble_device``.
+    ``plan.choice.ensemble_dtype`` on ``plan.ensemble_device``. The network inputs come from :class:`NetworkInputs`:
+    configurations that preprocess alike share one, and with ``plan.choice.overlap`` the next is preprocessed while
+    the current configuration predicts (the "preprocess" stage is then the wait for it).
 
     Returns:
         ``(K, z, y, x)`` on ``plan.ensemble_device``, the crop's shape (``size_after_cropping``): float32 sums or a
         float16 mean (:func:`ensemble_mean` gives the mean of either).
     """
-    device, settings, choice = pipeline.device, pipeline.settings, plan.choice
-    first, count = pipeline.configurations[0], len(pipeline.configurations)
-    total = torch.zeros((first.num_classes, *cropped.shape), dtype=choice.ensemble_dtype, device=plan.ensemble_device)
-    for configuration in pipeline.configurations:
-        with stages.stage("preprocess"):
-            image = torch.from_numpy(configuration.preprocess(cropped).data).to(device)
-        with stages.stage("predict"), configuration.networks_on(device) as networks:
-            probabilities = predict_tiled(
-                image,
-                networks,
-                configuration.patch_size,
-                settings.tiling,
-                mirror_axes=settings.mirror_axes,
-                autocast_dtype=autocast_dtype_for(device),
-                memory=plan.tiling_options(),
-                progress=False,
-            )
-        del image
-        with stages.stage("resample"):
-            size = [cropped.shape[axis] for axis in configuration.transpose_forward]
-            channels = resize_channels_trilinear(probabilities, size)
-            for accumulator, channel in zip(total, channels):
-                accumulate(accumulator, channel.permute(configuration.transpose_backward), count)
-        del probabilities, channels
+    choice, classes = plan.choice, pipeline.configurations[0].num_classes
+    total = torch.zeros((classes, *cropped.shape), dtype=choice.ensemble_dtype, device=plan.ensemble_device)
+    with NetworkInputs(cropped, pipeline.configurations, overlap=choice.overlap) as inputs:
+        for index in range(len(pipeline.configurations)):
+            predict_configuration(index, inputs, total, pipeline, plan, stages)
     return total
+
+
+def predict_configuration(
+    index: int, inputs: NetworkInputs, total: torch.Tensor, pipeline: AmosPipeline, plan: Plan, stages: StageLog
+) -> None:
+    """Configuration ``index``'s mean softmax over folds and mirrors, resampled to the crop and added to the ensemble
+    accumulator ``total`` ``(K, z, y, x)``."""
+    device, settings, configuration = pipeline.device, pipeline.settings, pipeline.configurations[index]
+    with stages.stage("preprocess"):
+        image = torch.from_numpy(inputs.take(index)).to(device)
+    with stages.stage("predict"), configuration.networks_on(device) as networks:
+        probabilities = predict_tiled(
+            image,
+            networks,
+            configuration.patch_size,
+            settings.tiling,
+            mirror_axes=settings.mirror_axes,
+            autocast_dtype=autocast_dtype_for(device),
+            memory=plan.tiling_options(),
+            progress=False,
+        )
+    del image
+    with stages.stage("resample"):
+        size = [total.shape[1 + axis] for axis in configuration.transpose_forward]
+        channels = resize_channels_trilinear(probabilities, size)
+        for accumulator, channel in zip(total, channels):
+            accumulate(accumulator, channel.permute(configuration.transpose_backward), len(pipeline.configurations))
 
 
 def postprocess(labels: torch.Tensor, spacing_zyx: Sequence[float], table: dict) -> np.ndarray:
@@ -238,7 +269,8 @@ def plan_memory(path: Path, header: ImageHeader, pipeline: AmosPipeline) -> Plan
                 "a voxel"
             )
     budget = Budget.detect(pipeline.device)
-    return plan_amos(shown(path), case, settings.tile_batch_size, budget, pipeline.device)
+    overlap = settings.overlaps_on(pipeline.device)
+    return plan_amos(shown(path), case, settings.tile_batch_size, budget, pipeline.device, overlap)
 
 
 def predict_case(case: Case, pipeline: AmosPipeline, stages: StageLog) -> None:
@@ -288,7 +320,7 @@ class AmosPipeline:
         return (
             f"configurations {', '.join(s.models)}, folds {list(s.folds)}, step {s.step_size:.2f}, "
             f"mirror axes {list(s.mirror_axes)}, post-processing {'on' if s.postprocessing else 'off'}, "
-            f"device {self.device}"
+            f"overlap {s.overlap}, device {self.device}"
         )
 
     def predict_case(self, case: Case, stages: StageLog) -> None:
