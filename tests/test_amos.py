@@ -421,13 +421,14 @@ def test_invalid_configuration_is_named(change, message) -> None:
         amos.settings_from(arguments(), config, "docker/amos_task1/config.json")
 
 
-def test_resize_channels_is_the_amos_interpolation() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "size"), [((3, 7, 10, 5), (11, 4, 9)), ((2, 30, 31, 17), (12, 40, 8))])
+def test_resize_channels_is_the_amos_interpolation(dtype, shape, size) -> None:
     """Channel by channel, exactly upstream's ``F.interpolate(softmax[c][None, None], size, mode='trilinear')``."""
     torch.manual_seed(0)
-    volume = torch.rand(3, 7, 10, 5)
-    size = (11, 4, 9)
-    ours = torch.stack(list(resize_channels_trilinear(volume, size)))
-    upstream = torch.stack([F.interpolate(volume[c][None, None], size=size, mode="trilinear")[0, 0] for c in range(3)])
+    volume = torch.rand(*shape).to(dtype)
+    ours = torch.stack([channel.clone() for channel in resize_channels_trilinear(volume, size)])
+    upstream = torch.stack([F.interpolate(c[None, None], size=size, mode="trilinear")[0, 0] for c in volume])
     assert torch.equal(ours, upstream)
     with pytest.raises(ValueError, match=r"size must be 3 positive ints"):
         next(resize_channels_trilinear(volume, (4, 4)))
