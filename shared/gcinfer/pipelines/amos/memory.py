@@ -42,11 +42,13 @@ configurations (ties of upstream's float16 values may then break the other way);
 
 # nnU-Net v1 host costs, bytes per voxel (Nc: voxels of the non-zero crop, Nt: of a configuration's network input)
 NNUNET_CROP_PER_VOXEL = 9
-"""``nnunet_v1.crop``: the non-zero mask (bool), the float32 crop, and a float32 cast of the image first when its dtype
-is one float32 does not hold exactly."""
-NNUNET_CROPPED_PER_VOXEL = 5
-"""What a crop keeps: float32 image and, once the normalisation reads it, the hole-filled non-zero mask as int8
-(nnU-Net's is int64); filling it (a few bool arrays) costs less than the preprocessing that follows."""
+"""``nnunet_v1.crop``, an upper bound: the non-zero mask (bool), the crop (a view of the image when the box is the
+whole image, else a copy in the image's dtype, at most 4 bytes here), and a float32 cast of the image first when its
+dtype is one float32 does not hold exactly."""
+NNUNET_CROPPED_MASK_PER_VOXEL = 1
+"""What a crop keeps besides the image's voxels (a view, or a copy in the image's dtype): once the normalisation
+reads it, the hole-filled non-zero mask as int8 (nnU-Net's is int64); filling it (a few bool arrays) costs less than
+the preprocessing that follows."""
 NNUNET_PREPROCESS_PER_VOXEL = ((42, 10), (22, 32))
 """``Configuration.preprocess`` with 3D resampling: the largest of these (per Nc, per Nt) forms (float64 copies of the
 image and of the int64 mask, spline prefilters, outputs), plus :data:`NNUNET_PREPROCESS_FIXED`. Measured peaks:
@@ -208,10 +210,10 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
       the slab: the best float16 mean and its class, the current class's float16 mean, its float32 quotient when the
       ensemble is float32, the comparison and two bool/uint8 temporaries);
     - post-processing and writing on the host.
-    The crop (:data:`NNUNET_CROPPED_PER_VOXEL`) stays on the host throughout.
+    The crop (the image's voxels and :data:`NNUNET_CROPPED_MASK_PER_VOXEL`) stays on the host throughout.
     """
     n0, k = case.voxels, case.num_classes
-    cropped = Buffer("nnU-Net crop", NNUNET_CROPPED_PER_VOXEL * n0, False)
+    cropped = Buffer("nnU-Net crop", (case.image_itemsize + NNUNET_CROPPED_MASK_PER_VOXEL) * n0, False)
     ensemble = Buffer("ensemble accumulator", choice.ensemble_dtype.itemsize * k * n0, choice.ensemble_on_device)
     slab_voxels = ARGMAX_SLICES * n0 // case.image_shape[0]
     slab = slab_voxels * (8 + (4 if choice.ensemble_dtype == torch.float32 else 0))

@@ -88,7 +88,7 @@ class Cropped:
     """An image cropped to its non-zero bounding box, as nnU-Net v1's ``ImageCropper.crop`` crops it.
 
     Attributes:
-        data: ``(C, z, y, x)`` float32, the crop.
+        data: ``(C, z, y, x)``, the crop in the image's dtype (nnU-Net's is float32: the same values once cast).
         properties: nnU-Net's case properties: ``original_size_of_raw_data``, ``original_spacing`` (z, y, x),
             ``itk_origin``/``itk_spacing``/``itk_direction``, ``crop_bbox`` (``[[z0, z1], [y0, y1], [x0, x1]]``),
             ``size_after_cropping`` (z, y, x), ``classes``.
@@ -145,15 +145,20 @@ def crop(channels: np.ndarray, geometry: Geometry) -> Cropped:
     filling touches the border). This computes the same from per-axis reductions of the mask, in milliseconds
     per slice; the filled mask itself is built only where the normalisation reads it (:attr:`Cropped.seg`).
 
+    nnU-Net casts the image to float32 first; the crop keeps the image's dtype instead (a view of it when the box
+    is the whole image, as for most CTs, whose air is not 0): :meth:`Configuration.preprocess` casts in the copy
+    it makes anyway, to the same values.
+
     Args:
-        channels: ``(C, z, y, x)``, any numeric dtype (cast to float32 as nnU-Net does); at least one voxel must
-            be non-zero.
+        channels: ``(C, z, y, x)``, any numeric dtype; at least one voxel must be non-zero (once cast to float32).
         geometry: the image's geometry (of the first channel, as nnU-Net takes it).
     """
     mask = _nonzero(channels)
     bbox = [_extent(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    data = channels[(slice(None), *(slice(start, stop) for start, stop in bbox))].astype(np.float32)
-    box = mask[tuple(slice(start, stop) for start, stop in bbox)]
+    box_slices = tuple(slice(start, stop) for start, stop in bbox)
+    view = channels[(slice(None), *box_slices)]
+    data = view if view.shape == channels.shape else view.copy()
+    box = mask[box_slices]
     border_zero = any(not face.all() for axis in range(3) for face in (box.take(0, axis), box.take(-1, axis)))
     properties = OrderedDict(
         original_size_of_raw_data=np.array(geometry.size)[[2, 1, 0]],
@@ -225,7 +230,7 @@ class Configuration:
             The network input in transposed order, and nnU-Net's properties for the case.
         """
         axes = (0, *[a + 1 for a in self.transpose_forward])
-        data = np.array(cropped.data.transpose(axes))
+        data = np.array(cropped.data.transpose(axes), dtype=np.float32)
         seg = np.array(cropped.seg.transpose(axes)) if self.normalisation_reads_mask(len(data)) else None
         with quiet(), threads_for_nnunet():
             data, _, properties = self.preprocessor.resample_and_normalize(
