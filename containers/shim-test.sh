@@ -14,15 +14,20 @@
 # Per image: a test-only image gc-<name>-shim-test FROM gc-<name> with the shim and moto in /opt/shim (the shipped
 # image stays as it is, as Grand Challenge adds the shim itself); one task per fixture case and a task with a
 # corrupt input (python -m gcinfer_dev.shim_tasks prepare); `sagemaker-shim invoke -t` per mode, run as root with
-# --network none; then per task (python -m gcinfer_dev.shim_tasks check): return_code 0, the mode's duration,
-# exactly the expected output keys, bytes identical to the library's host output, panimg imports the output;
-# the corrupt task: non-zero return_code, nothing uploaded, the process's log names the file.
+# --network none and only the capabilities the shim uses (RUN_FLAGS); then per task (python -m
+# gcinfer_dev.shim_tasks check): return_code 0, the mode's duration, exactly the expected output keys, bytes
+# identical to the library's host output, panimg imports the output; the corrupt task: non-zero return_code,
+# nothing uploaded, the process's log names the file.
 set -euo pipefail
 # shellcheck source=containers/common.sh
 source "$(dirname "$0")/common.sh"
 
+# Grand Challenge's flags; of root's capabilities only what the shim itself uses (chown of the extracted model,
+# cleaning /input and /output of the user's files, starting the process as the image's user, signalling it): the
+# algorithm's process runs as that user, with no capability left (as ./test.sh runs the images, --cap-drop ALL)
 RUN_FLAGS=(--network none --security-opt no-new-privileges --memory 15g --memory-swap 15g --pids-limit 256
-    --shm-size 128m)
+    --shm-size 128m --cap-drop ALL --cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER --cap-add SETUID
+    --cap-add SETGID --cap-add KILL)
 WORK=$ROOT/.cache/shim-test
 FAILED=0
 

@@ -118,6 +118,22 @@ def test_dockerfile_follows_grand_challenge_rules(name: str) -> None:
         assert needed in ignore
 
 
+def test_the_shim_test_image_builds_its_venv_on_the_images_base() -> None:
+    """containers/shim/Dockerfile builds the shim's venv on the same base as every image (so that its layers stay
+    cached while the images change), then copies it into the image under test."""
+    text = (REPOSITORY / "containers" / "shim" / "Dockerfile").read_text()
+    bases = {
+        re.search(r"^ARG BASE_IMAGE=(\S+)$", (REPOSITORY / "docker" / n / "Dockerfile").read_text(), re.M)[1]
+        for n in IMAGES
+    }
+    assert re.findall(r"^ARG BASE_IMAGE=(\S+)$", text, re.M) == sorted(bases)
+    assert re.findall(r"^FROM .*$", text, re.M) == [
+        "FROM --platform=linux/amd64 ${BASE_IMAGE} AS shim",
+        "FROM ${IMAGE}",
+    ]
+    assert "COPY --from=shim /opt/shim /opt/shim" in text
+
+
 def test_image_requirements_pin_the_library_dependencies() -> None:
     """base.txt pins every runtime dependency of shared/pyproject.toml (torch comes from the base image), and the
     pipelines' pins equal the references the test suite runs."""

@@ -24,7 +24,7 @@ import io
 import warnings
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -109,6 +109,16 @@ def random_tiling(data: st.DataObject, mode: str, gaussian: bool = True) -> Tili
     return MonaiTiling(data.draw(overlaps, label="overlap"), gaussian)
 
 
+MAX_FORWARD_PASSES = 2048
+"""Examples whose tiles x flips exceed this are skipped (a 1-voxel patch over 18^3 voxels with 8 flips is ~47,000
+forward passes, seconds of Python per example, and tests nothing a smaller count does not)."""
+
+
+def affordable(shape: tuple[int, ...], patch: tuple[int, ...], tiling: TilingMode, axes: tuple[int, ...]) -> bool:
+    padded = [max(s, p) for s, p in zip(shape[1:], patch)]
+    return len(tiling.tiles(padded, patch)) * 2 ** len(axes) <= MAX_FORWARD_PASSES
+
+
 # --- shape and distribution ---------------------------------------------------------------------------------------
 
 
@@ -149,13 +159,15 @@ def test_pointwise_network_gives_the_untiled_prediction(shape, patch, k, axes, b
     """Every tile, flip and network sees each voxel alone, so tiling must reproduce the whole-volume prediction."""
     mode = data.draw(st.sampled_from(("nnunet", "monai")), label="mode")
     output = data.draw(st.sampled_from(("probabilities", "logits")), label="output")
+    tiling = random_tiling(data, mode, gaussian)
+    assume(affordable(shape, patch, tiling, axes))
     networks = [pointwise_net(shape[0], k, seed) for seed in range(len(weights))]
     image = volume(shape)
     result = predict_tiled(
         image,
         networks,
         patch,
-        random_tiling(data, mode, gaussian),
+        tiling,
         mirror_axes=axes,
         memory=TileMemory(tile_batch_size=batch),
         weights=weights,
@@ -176,6 +188,7 @@ def test_pointwise_network_gives_the_untiled_prediction(shape, patch, k, axes, b
 def test_tile_batch_size_does_not_change_the_result(shape, patch, axes, batch, data) -> None:
     mode = data.draw(st.sampled_from(("nnunet", "monai")), label="mode")
     tiling, memory = random_tiling(data, mode), TileMemory(tile_batch_size=batch)
+    assume(affordable(shape, patch, tiling, axes))
     network, image = conv_net(shape[0], 3), volume(shape)
     single = predict_tiled(image, network, patch, tiling, mirror_axes=axes, progress=False)
     batched = predict_tiled(image, network, patch, tiling, mirror_axes=axes, memory=memory, progress=False)
