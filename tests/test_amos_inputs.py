@@ -15,6 +15,7 @@ import torch
 from test_memory import nnunet_configuration
 
 from gcinfer import memory
+from gcinfer.engine.tiling import NnunetTiling, predict_tiled
 from gcinfer.errors import InputError
 from gcinfer.io import Geometry
 from gcinfer.pipelines.amos import memory as amos_memory
@@ -128,8 +129,19 @@ def test_network_inputs_preprocess_each_distinct_input_once(monkeypatch, overlap
     configurations, cropped = named(task1_like()), ct_crop()
     expected = [c.preprocess(cropped).data for c in configurations]
     recorder = Recorder(monkeypatch)
+    taken = []
     with NetworkInputs(cropped, configurations, overlap=overlap) as inputs:
-        taken = [inputs.take(i) for i in range(3)]
+        for index, configuration in enumerate(configurations):
+            taken.append(inputs.take(index))
+            # predicted on as the pipeline does (on the CPU the tensor is the array): the shared input stays intact
+            predict_tiled(
+                torch.from_numpy(taken[-1]),
+                configuration.networks,
+                configuration.patch_size,
+                NnunetTiling(0.5),
+                mirror_axes=(0, 1, 2),
+                progress=False,
+            )
     assert all(a.tobytes() == b.tobytes() for a, b in zip(taken, expected))
     assert taken[2] is taken[0]
     main = threading.current_thread().name
