@@ -29,7 +29,8 @@ Memory (``K`` classes, ``Nc`` voxels in the crop, ``Nt`` voxels of a configurati
 - resampling: one ``Nc`` float32 channel at a time; argmax: a few slices at a time; labels: ``uint8``.
 
 So the working memory is ``4 K Nc + 4 K Nt`` (or ``2 K Nc + 4 K Nt``) plus small terms, whatever the number of
-folds and configurations.
+folds and configurations; plus a network input kept for a later configuration that shares it (``4 Nt``), and with
+the overlap the next configuration's preprocessing (:mod:`.memory` counts both).
 The weights of one configuration's folds are on the device at a time (one network per fold, restored once per
 run and kept on the host): that costs ``folds x weights`` of device memory but lets the engine run every fold
 on each tile in one pass, where reloading one network per fold would need a second ``4 K Nt`` accumulator.
