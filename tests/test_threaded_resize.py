@@ -64,10 +64,11 @@ def test_nnunets_resampling_is_unchanged_within_the_block(small_slabs, monkeypat
     calls = []
     original = threaded_resize.resize_threaded
     monkeypatch.setattr(threaded_resize, "resize_threaded", lambda *args: calls.append(args[1:]) or original(*args))
+    monkeypatch.setattr(threaded_resize, "default_threads", lambda: 3)
     data = np.random.default_rng(2).normal(0, 300, (1, 12, 40, 36)).astype(np.float32)
     target = np.array([1.5, 1.0, 1.0])
     outside, _ = preprocessing.resample_patient(data, None, np.array(spacing), target, 3, 1, force_separate_z=None)
-    with threads_for_nnunet(3):
+    with threads_for_nnunet():
         assert preprocessing.resize is not resize
         inside, _ = preprocessing.resample_patient(data, None, np.array(spacing), target, 3, 1, force_separate_z=None)
     assert preprocessing.resize is resize
@@ -75,11 +76,21 @@ def test_nnunets_resampling_is_unchanged_within_the_block(small_slabs, monkeypat
     assert inside.tobytes() == outside.tobytes()
 
 
+def test_overlapping_blocks_restore_scikit_images_resize_whatever_order_they_close_in() -> None:
+    first, second = threads_for_nnunet(), threads_for_nnunet()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert preprocessing.resize is not resize  # the second block is still open
+    second.__exit__(None, None, None)
+    assert preprocessing.resize is resize
+
+
 def test_calls_it_does_not_reproduce_go_to_scikit_image(monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(threaded_resize, "resize_threaded", lambda *args: calls.append(args))
     image = np.random.default_rng(3).normal(0, 1, (6, 7, 8))
-    with threads_for_nnunet(2):
+    with threads_for_nnunet():
         float32 = preprocessing.resize(image.astype(np.float32), (9, 9, 9), order=3, mode="edge", anti_aliasing=False)
         other_mode = preprocessing.resize(image, (9, 9, 9), order=3, mode="constant", anti_aliasing=False)
     assert not calls

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -146,19 +147,27 @@ def _reproduced(image: Any, output_shape: Any, order: int, kwargs: dict) -> bool
     )
 
 
-def _nnunet_resize(original: Callable[..., np.ndarray], threads: int) -> Callable[..., np.ndarray]:
+def _nnunet_resize(original: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
     def resize(image: Any, output_shape: Any, order: int = 1, **kwargs: Any) -> np.ndarray:
         if _reproduced(image, output_shape, order, kwargs):
-            return resize_threaded(image, output_shape, order, threads)
+            return resize_threaded(image, output_shape, order, default_threads())
         return original(image, output_shape, order=order, **kwargs)
 
     return resize
 
 
-def threads_for_nnunet(threads: int | None = None) -> contextlib.AbstractContextManager[None]:
-    """Within the block, nnU-Net v1's preprocessing resamples images with :func:`resize_threaded` (``threads``
-    threads, default :func:`default_threads`); blocks may nest and overlap across threads (:class:`SharedPatch`)."""
-    from nnunet.preprocessing import preprocessing
+_patch_lock = threading.Lock()
+_patch: list[SharedPatch] = []
+"""The one patch of nnU-Net's ``resize`` (made on first use: importing nnU-Net prints, its caller silences that)."""
 
-    count = threads or default_threads()
-    return SharedPatch(preprocessing, "resize", lambda original: _nnunet_resize(original, count)).applied()
+
+def threads_for_nnunet() -> contextlib.AbstractContextManager[None]:
+    """Within the block, nnU-Net v1's preprocessing resamples images with :func:`resize_threaded` on
+    :func:`default_threads` threads. One :class:`SharedPatch` serves every block, so that blocks may nest and
+    overlap across threads (a configuration preprocessed in the background while another is)."""
+    with _patch_lock:
+        if not _patch:
+            from nnunet.preprocessing import preprocessing
+
+            _patch.append(SharedPatch(preprocessing, "resize", _nnunet_resize))
+    return _patch[0].applied()
