@@ -21,7 +21,9 @@ import argparse
 import copy
 import json
 import logging
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from gcinfer import cli
+from gcinfer import io as gcinfer_io
 from gcinfer.engine.resampling import resize_channels_trilinear
 from gcinfer.errors import InputError
 from gcinfer.io import Geometry, case_name, read_image
@@ -212,19 +215,44 @@ def test_parity_with_reference(task, task1_run, task2_run, references) -> None:
         assert differing <= 1
 
 
-def test_overlapped_preprocessing_writes_the_same_bytes(
-    task1_run, task1_inputs, fixtures_dir, tmp_path, caplog
+def test_overlapped_host_work_writes_the_same_bytes(
+    task1_run, task1_inputs, fixtures_dir, tmp_path, caplog, monkeypatch
 ) -> None:
     """``--overlap on`` on the CPU (each configuration preprocessed on a background thread while the previous one
-    predicts): the same label maps byte for byte as the default run (``auto``: not overlapped on the CPU)."""
+    predicts, the next case read ahead): the same label maps byte for byte as the default run (``auto``: not
+    overlapped on the CPU); every image is read once, the second case's on the read-ahead thread."""
     caplog.set_level(logging.INFO)
+    reads = []
+
+    def read_image(path):
+        reads.append((Path(path).name, threading.current_thread().name))
+        return gcinfer_io.read_image(path)
+
+    monkeypatch.setattr(amos, "read_image", read_image)
     model_dir = fixtures_dir / "amos_task1" / "model"
     assert gcinfer("amos-task1", task1_inputs, tmp_path, model_dir, *folds_option(), "--overlap", "on") == 0
     plans = [r.getMessage() for r in caplog.records if "memory plan" in r.getMessage()]
-    assert len(plans) == 2 and all(", preprocessing overlapped |" in line for line in plans)
+    assert len(plans) == 2 and all(", host work overlapped |" in line for line in plans)
+    first, second = sorted(p.name for p in task1_inputs.iterdir())
+    assert reads == [(first, threading.main_thread().name), (second, "read ahead")]
     expected = files_under(task1_run["output"])
     assert [p.name for p in files_under(tmp_path)] == [p.name for p in expected]
     assert all((tmp_path / p.name).read_bytes() == p.read_bytes() for p in expected)
+
+
+def test_a_case_read_ahead_reports_its_own_error(task1_inputs, fixtures_dir, tmp_path, caplog) -> None:
+    """The next case's voxels are unreadable (truncated gzip, a sound header): read ahead while the first case
+    predicts, its error is the case's own, reported when it runs; the first case is written, the run exits 1."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    first, second = sorted(task1_inputs.iterdir())
+    shutil.copy(first, inputs / first.name)
+    (inputs / second.name).write_bytes(second.read_bytes()[: second.stat().st_size // 2])
+    model_dir = fixtures_dir / "amos_task1" / "model"
+    assert gcinfer("amos-task1", inputs, tmp_path / "out", model_dir, *folds_option(), "--overlap", "on") == 1
+    assert [case_name(p) for p in files_under(tmp_path / "out")] == [case_name(first)]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(f"{inputs / second.name}: cannot read image (corrupt or truncated gzip data" in e for e in errors)
 
 
 @pytest.mark.parametrize(
@@ -432,6 +460,29 @@ def test_resize_channels_is_the_amos_interpolation(dtype, shape, size) -> None:
     assert torch.equal(ours, upstream)
     with pytest.raises(ValueError, match=r"size must be 3 positive ints"):
         next(resize_channels_trilinear(volume, (4, 4)))
+
+
+@pytest.mark.parametrize("channel_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ensemble_dtype", [torch.float32, torch.float16])
+def test_accumulating_slab_by_slab_is_the_whole_channel_op(ensemble_dtype, channel_dtype) -> None:
+    """On the CPU :func:`accumulate` adds through slabs of float32 buffers: byte for byte the whole-channel op it
+    replaces (float32 sums += the channel rounded to float16; float16 mean += channel / configurations), for a
+    permuted channel as the pipeline hands it and a crop whose slices are no multiple of the slab."""
+    from gcinfer.pipelines.amos.ensemble import ACCUMULATE_SLICES, accumulate
+
+    generator = torch.Generator().manual_seed(0)
+    crop = (2 * ACCUMULATE_SLICES + 3, 33, 17)
+    start = torch.rand(crop, generator=generator).to(ensemble_dtype)
+    accumulated, expected = start.clone(), start.clone()
+    for _ in range(3):
+        channel = torch.rand(crop[::-1], generator=generator).to(channel_dtype).permute(2, 1, 0)
+        accumulate(accumulated, channel, 3)
+        if ensemble_dtype == torch.float32:
+            expected.add_(channel.to(torch.float16))
+        else:
+            expected.add_(channel, alpha=1.0 / 3)
+    assert accumulated.dtype == ensemble_dtype and torch.equal(accumulated, expected)
+    assert not torch.equal(accumulated, start)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -246,6 +246,22 @@ def test_the_plan_counts_the_kept_input_and_the_background_preprocessing() -> No
     assert "next preprocessing" not in buffers_of(shared, alone, "predict 1")
 
 
+def test_the_plan_counts_the_next_case_read_ahead_from_the_first_prediction_on() -> None:
+    """Overlapped, the next case's image (its SimpleITK image and numpy copy) is held from the first prediction to the
+    end of the case; not before (the first preprocessing, the host's peak, runs without it), not unoverlapped."""
+    upcoming = 512 * 512 * 300 * 2
+    case = dataclasses.replace(full_size_case(), upcoming_image_bytes=upcoming)
+    overlapped = memory.Choice(torch.float32, torch.float32, True, False, 1, True)
+    phases = [p.name for p in amos_memory.amos_phases(case, overlapped)]
+    first_prediction = phases.index("predict 1")
+    for number, phase in enumerate(phases):
+        held = buffers_of(case, overlapped, phase).get("next case's image")
+        assert held == (2 * upcoming if number >= first_prediction else None), phase
+    alone = dataclasses.replace(overlapped, overlap=False)
+    assert all("next case's image" not in buffers_of(case, alone, phase) for phase in phases)
+    assert all("next case's image" not in buffers_of(full_size_case(), overlapped, phase) for phase in phases)
+
+
 def test_overlap_is_given_up_before_anything_else() -> None:
     """A budget between the overlapped and the plain estimate keeps the best precision and placement, unoverlapped."""
     case = full_size_case()
@@ -259,5 +275,5 @@ def test_overlap_is_given_up_before_anything_else() -> None:
     plan = amos_memory.plan_amos("case", case, 2, roomy, CUDA, overlap=True)
     assert plan.choice == dataclasses.replace(best, overlap=True)
     assert plan.line().startswith(
-        "case: memory plan: tiling fp32 on cuda, ensemble fp32 on host, 1 tile(s)/batch, preprocessing overlapped |"
+        "case: memory plan: tiling fp32 on cuda, ensemble fp32 on host, 1 tile(s)/batch, host work overlapped |"
     )

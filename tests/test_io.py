@@ -243,13 +243,17 @@ def test_a_bad_case_does_not_stop_the_others(tmp_path: Path) -> None:
     write_volume(tmp_path / "in" / "c.mha", np.ones((3, 4, 5), np.int16))
     cases = discover_cases(tmp_path / "in", tmp_path / "out", Sockets(("image",), "seg"))
 
-    def threshold(case, stages) -> None:
+    upcoming_of = {}
+
+    def threshold(case, stages, upcoming) -> None:
+        upcoming_of[case.name] = upcoming and upcoming.name
         with stages.stage("read"):
             image, geometry = read_image(case.inputs["image"])
         write_label_map(case.output, (image > 0).astype(np.uint8), geometry)
 
     results = run_cases(cases, threshold, torch.device("cpu"), progress=False)
     assert [(r.name, r.ok) for r in results] == [("a", True), ("b", False), ("c", True)]
+    assert upcoming_of == {"a": "b", "b": "c", "c": None}  # each case is told the one that runs next
     assert results[1].message.startswith(f"{tmp_path}/in/b.mha: cannot read image")
     assert summarize(results) == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mha", "c.mha"]
@@ -431,7 +435,7 @@ def test_a_bug_shows_its_traceback_and_the_other_cases_still_run(tmp_path: Path,
         write_volume(tmp_path / "in" / f"{name}.mha", np.ones((3, 4, 5), np.int16))
     cases = discover_cases(tmp_path / "in", tmp_path / "out", Sockets(("image",), "seg"))
 
-    def predict(case, stages) -> None:
+    def predict(case, stages, upcoming) -> None:
         image, geometry = read_image(case.inputs["image"])
         if case.name == "b":
             raise ValueError("a bug in the pipeline")

@@ -1386,9 +1386,9 @@ def test_cuda_runs_use_deterministic_algorithms(monkeypatch) -> None:
     )
     try:
         torch.backends.cudnn.benchmark = True
-        run_cases([], lambda case, stages: None, torch.device("cpu"), progress=False)
+        run_cases([], lambda case, stages, upcoming: None, torch.device("cpu"), progress=False)
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
-        run_cases([], lambda case, stages: None, torch.device("cuda"), progress=False)
+        run_cases([], lambda case, stages, upcoming: None, torch.device("cuda"), progress=False)
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

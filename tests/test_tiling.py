@@ -16,12 +16,14 @@ import pytest
 import torch
 from torch import nn
 
+from gcinfer.engine import tiling
 from gcinfer.engine.tiling import (
     MonaiTiling,
     NnunetTiling,
     Output,
     TileMemory,
     _fallback_attempts,
+    _staging,
     look_up_option,
     predict_tiled,
 )
@@ -402,6 +404,33 @@ def test_reduced_and_extended_precision(options: dict, tolerance: float) -> None
     result = predict_tiled(image, network, PATCH, progress=False, **options)
     assert result.dtype == torch.float32
     assert (result - expected).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("gaussian", [True, False], ids=["gaussian", "uniform"])
+def test_bfloat16_accumulation_through_the_staging_buffer_changes_no_byte(monkeypatch, gaussian: bool) -> None:
+    """On the CPU a bfloat16 accumulator takes the float32 tile predictions (and Gaussian) through a float32 buffer;
+    the result is the in-place mixed-dtype op's, byte for byte (that op, with no staging, is the reference)."""
+    network, image = generic_unet(0), volume((CHANNELS, 29, 23, 37))
+    memory = TileMemory(accumulate_dtype=torch.bfloat16, result_dtype=torch.bfloat16)
+    options = {"tiling": NnunetTiling(gaussian=gaussian), "mirror_axes": (0,), "memory": memory, "progress": False}
+    buffers = []
+
+    def spy(dtype: torch.dtype, values: torch.Tensor) -> torch.Tensor | None:
+        buffers.append(_staging(dtype, values))
+        return buffers[-1]
+
+    monkeypatch.setattr(tiling, "_staging", spy)
+    staged = predict_tiled(image, network, PATCH, **options)
+    assert len(buffers) == (2 if gaussian else 1) and all(b is not None and b.dtype == torch.float32 for b in buffers)
+    monkeypatch.setattr(tiling, "_staging", lambda dtype, values: None)
+    plain = predict_tiled(image, network, PATCH, **options)
+    assert staged.dtype == torch.bfloat16 and torch.equal(staged, plain)
+
+
+def test_accumulators_of_float32_or_more_add_in_place() -> None:
+    values = torch.zeros(2, 3)
+    assert _staging(torch.float32, values) is None and _staging(torch.float64, values) is None
+    assert _staging(torch.bfloat16, values).shape == (2, 3)
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(capsys) -> None:

@@ -1,10 +1,11 @@
-"""Threads: one call run in the background while the caller goes on; an attribute patched while any thread needs it."""
+"""Threads: one call run in the background while the caller goes on; a value computed ahead for a later call; an
+attribute patched while any thread needs it."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -64,3 +65,29 @@ class SharedPatch:
                 if self._open == 0:
                     setattr(self._owner, self._name, self._original)
                     self._original = None
+
+
+class ReadAhead(Generic[T]):
+    """At most one value computed ahead on a :class:`Background` thread for a key (an input file) that a later call
+    :meth:`claim` s: the next case's image read while the current case predicts."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[Hashable, Background[T]] | None = None
+
+    def start(self, key: Hashable, work: Callable[[], T], name: str) -> None:
+        """Start ``work()`` for ``key``; a value still pending for another key is dropped first (:meth:`claim`)."""
+        self.claim(key)
+        self._pending = (key, Background(work, name))
+
+    def claim(self, key: Hashable) -> Background[T] | None:
+        """The work started for ``key`` (its :meth:`Background.result` waits for it and raises its error), None when
+        none was: a value pending for another key is then waited for and dropped, so that it neither competes with
+        the caller's own work nor holds its memory. Either way nothing is pending afterwards."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending[0] == key:
+            return pending[1]
+        with contextlib.suppress(Exception):
+            pending[1].result()
+        return None

@@ -103,7 +103,7 @@ def sigterm_as_interruption() -> Iterator[None]:
 
 def run_cases(
     cases: Sequence[Case],
-    predict_case: Callable[[Case, StageLog], None],
+    predict_case: Callable[[Case, StageLog, Case | None], None],
     device: torch.device,
     progress: bool | None = None,
 ) -> list[CaseResult]:
@@ -112,7 +112,8 @@ def run_cases(
 
     Args:
         cases: the cases; those with ``error`` set are reported as failed without running.
-        predict_case: predicts one case and writes ``case.output`` (atomically); may raise any Exception.
+        predict_case: predicts one case and writes ``case.output`` (atomically); may raise any Exception. Its third
+            argument is the case that runs next (None for the last), which it may start reading.
         device: the device the pipeline runs on (for timing and peak-memory reporting).
         progress: tqdm bar over cases; None = only when stderr is a terminal.
 
@@ -122,7 +123,7 @@ def run_cases(
     use_deterministic_algorithms(device)
     results = []
     disable = not sys.stderr.isatty() if progress is None else not progress
-    for case in tqdm(cases, desc="cases", unit="case", disable=disable):
+    for index, case in enumerate(tqdm(cases, desc="cases", unit="case", disable=disable)):
         start = time.perf_counter()
         if case.error:
             log.error("%s: %s", shown(case.name), case.error)
@@ -131,7 +132,7 @@ def run_cases(
         stages = StageLog(case.name, device)
         reset_peak_device_bytes(device)
         try:
-            predict_case(case, stages)
+            predict_case(case, stages, next((c for c in cases[index + 1 :] if not c.error), None))
         except InputError as error:
             log.error("%s: %s", shown(case.name), error)
             results.append(CaseResult(case.name, False, time.perf_counter() - start, str(error)))

@@ -11,8 +11,8 @@ host's memory and a phase's device and host buffers add up. Each pipeline descri
    accumulated on the host);
 3. the ensemble accumulator on the device (AMOS), else on the host;
 4. the configured number of tiles per forward pass, else half as many, down to one;
-5. where the pipeline can overlap host work with the device's (AMOS: preprocessing the next configuration while one
-   predicts), overlapped, else one after the other.
+5. where the pipeline can overlap host work with the device's (AMOS: preprocessing the next configuration and
+   reading the next case while one predicts), overlapped, else one after the other.
 
 A case that fits no choice raises :class:`MemoryPlanError` (an ``InputError``: the runner reports the case as
 failed and goes on with the others) before any prediction work.
@@ -85,7 +85,8 @@ class Choice:
         tiling_dtype: the tiling engine's accumulator and result.
         ensemble_dtype: the AMOS cross-configuration accumulator (AMOS: float32 holds upstream's exact
             sum, float16 a running mean); AutoPET's fold accumulator is float32 whatever this says.
-        overlap: the next configuration is preprocessed on the host while the current one predicts (AMOS).
+        overlap: the next configuration is preprocessed, and the next case read, on the host while the current
+            configuration predicts (AMOS).
     """
 
     tiling_dtype: torch.dtype
@@ -100,7 +101,7 @@ class Choice:
         return (
             f"tiling {_dtype_name(self.tiling_dtype)} on {where(self.tiling_on_device)}, "
             f"ensemble {_dtype_name(self.ensemble_dtype)} on {where(self.ensemble_on_device)}, "
-            f"{self.tile_batch_size} tile(s)/batch" + (", preprocessing overlapped" if self.overlap else "")
+            f"{self.tile_batch_size} tile(s)/batch" + (", host work overlapped" if self.overlap else "")
         )
 
 

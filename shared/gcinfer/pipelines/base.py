@@ -38,8 +38,9 @@ class Pipeline(Protocol):
     def describe(self) -> str:
         """One line of the settings that matter to a reader of the log (models, folds, ensembling, device)."""
 
-    def predict_case(self, case: Case, stages: StageLog) -> None:
+    def predict_case(self, case: Case, stages: StageLog, upcoming: Case | None = None) -> None:
         """Segment one case and write ``case.output`` atomically (uint8, the input's geometry); nothing else.
+        ``upcoming`` is the case that runs next, which the pipeline may start reading while this one predicts.
 
         Raises:
             InputError: a bad input (names the file); MemoryPlanError: the case fits no memory plan.

@@ -89,6 +89,8 @@ class AmosCase:
         num_classes: K, background included.
         configurations: in prediction order.
         weights_on_host: the networks already live where they run (CPU device), so their weights are not added.
+        upcoming_image_bytes: bytes of the next case's image (its header's voxels times their size), read ahead
+            while this case predicts when the choice overlaps host work; 0 when no case follows.
     """
 
     image_shape: tuple[int, int, int]
@@ -96,6 +98,7 @@ class AmosCase:
     num_classes: int
     configurations: tuple[AmosConfiguration, ...]
     weights_on_host: bool = False
+    upcoming_image_bytes: int = 0
 
     @property
     def voxels(self) -> int:
@@ -111,10 +114,11 @@ class AmosCase:
         costs: Sequence[NetworkCost],
         mirrored: bool,
         device: torch.device,
+        upcoming_image_bytes: int = 0,
     ) -> AmosCase:
         """From the image's shape, pixel size and spacing, the restored configurations (with their
-        :func:`amos_network_costs`) and whether tiles are mirrored; network input shapes as nnU-Net v1's
-        preprocessing gives them."""
+        :func:`amos_network_costs`), whether tiles are mirrored and the next case's image bytes; network input shapes
+        as nnU-Net v1's preprocessing gives them."""
         sources = input_sources(configurations, spacing_zyx, 1)
         models = tuple(
             AmosConfiguration(
@@ -138,6 +142,7 @@ class AmosCase:
             configurations[0].num_classes,
             models,
             weights_on_host=device.type == "cpu",
+            upcoming_image_bytes=upcoming_image_bytes,
         )
 
 
@@ -195,6 +200,14 @@ def _background_preprocessing(case: AmosCase, index: int, choice: Choice) -> lis
     return [Buffer("next preprocessing", _preprocess_bytes(case.voxels, upcoming), False)]
 
 
+def _read_ahead(case: AmosCase, choice: Choice) -> list[Buffer]:
+    """With ``choice.overlap``, the next case's image, read ahead from the first configuration's prediction on (the
+    SimpleITK image and its numpy copy, as in the read phase)."""
+    if not choice.overlap or not case.upcoming_image_bytes:
+        return []
+    return [Buffer("next case's image", 2 * case.upcoming_image_bytes, False)]
+
+
 def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
     """The phases of :func:`gcinfer.pipelines.amos.pipeline.predict_case` for ``case`` under ``choice``.
 
@@ -205,7 +218,8 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
       the tiling dtype, the configuration's fold weights on the device) and the per-channel resampling back to the
       crop (the ensemble, the prediction, one resampled channel where the tiling is, its copy where the ensemble is
       when that differs, and its float16 rounding when the ensemble is float32); prediction and resampling also hold
-      :func:`_kept_inputs` and :func:`_background_preprocessing`;
+      :func:`_kept_inputs` and :func:`_background_preprocessing`, and every phase from the first prediction on
+      :func:`_read_ahead`;
     - argmax into the uint8 label map ``(z, y, x)`` where the ensemble is (a slab of 8 slices at a time, per voxel of
       the slab: the best float16 mean and its class, the current class's float16 mean, its float32 quotient when the
       ensemble is float32, the comparison and two bool/uint8 temporaries);
@@ -217,6 +231,7 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
     ensemble = Buffer("ensemble accumulator", choice.ensemble_dtype.itemsize * k * n0, choice.ensemble_on_device)
     slab_voxels = ARGMAX_SLICES * n0 // case.image_shape[0]
     slab = slab_voxels * (8 + (4 if choice.ensemble_dtype == torch.float32 else 0))
+    ahead = _read_ahead(case, choice)
     phases = [
         Phase("read", (Buffer("image", 2 * case.image_itemsize * n0, False),)),
         Phase(
@@ -234,6 +249,7 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
             ensemble,
             *_kept_inputs(case, index, own=True),
             *_background_preprocessing(case, index, choice),
+            *ahead,
         )
         phases += numbered(
             [
@@ -244,6 +260,7 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
                         ensemble,
                         *_kept_inputs(case, index, own=False),
                         Buffer("preprocessing", _preprocess_bytes(n0, configuration), False),
+                        *(ahead if index else ()),
                     ),
                 ),
                 *tiling_phases(tiling, choice, configuration.network, choice.tiling_dtype, weights, resident),
@@ -274,6 +291,7 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
                 ensemble,
                 Buffer("labels", n0, choice.ensemble_on_device),
                 Buffer("argmax slab", slab, choice.ensemble_on_device),
+                *ahead,
             ),
         ),
         Phase(
@@ -283,9 +301,13 @@ def amos_phases(case: AmosCase, choice: Choice) -> list[Phase]:
                 Buffer("labels", n0, choice.ensemble_on_device),
                 Buffer("labels on host", n0, False),
                 Buffer("post-processing", POSTPROCESS_PER_VOXEL * n0, False),
+                *ahead,
             ),
         ),
-        Phase("write", (cropped, Buffer("labels on host", n0, False), Buffer("writing", WRITE_PER_VOXEL * n0, False))),
+        Phase(
+            "write",
+            (cropped, Buffer("labels on host", n0, False), Buffer("writing", WRITE_PER_VOXEL * n0, False), *ahead),
+        ),
     ]
     return phases
 
@@ -294,7 +316,8 @@ def plan_amos(
     case_name: str, case: AmosCase, tile_batch_size: int, budget: Budget, device: torch.device, overlap: bool = False
 ) -> Plan:
     """The most preferred choice that fits ``budget`` for an AMOS case (see :func:`amos_phases`); with ``overlap``,
-    each choice overlapped (the next configuration preprocessed while one predicts) when that fits too.
+    each choice overlapped (the next configuration preprocessed and the next case read while one predicts) when that
+    fits too.
 
     Raises:
         MemoryPlanError: the case fits no choice.

@@ -41,21 +41,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from gcinfer.background import ReadAhead
 from gcinfer.cases import Case
 from gcinfer.config import Sockets
 from gcinfer.devices import autocast_dtype_for
 from gcinfer.engine.resampling import resize_channels_trilinear
 from gcinfer.engine.tiling import NnunetTiling, TileMemory, predict_tiled
 from gcinfer.errors import InputError, shown
-from gcinfer.io import ImageHeader, check_finite_as, read_header, read_image, write_label_map
+from gcinfer.io import Geometry, ImageHeader, check_finite_as, read_header, read_image, write_label_map
 from gcinfer.memory import Budget, NetworkCost, Plan
 from gcinfer.pipelines.amos import nnunet_v1
 from gcinfer.pipelines.amos.ensemble import accumulate, labels_in_image
@@ -180,14 +183,19 @@ def load_configurations(model_dir: Path, settings: Settings) -> list[nnunet_v1.C
 
 
 def ensemble_probabilities(
-    cropped: nnunet_v1.Cropped, pipeline: AmosPipeline, plan: Plan, stages: StageLog
+    cropped: nnunet_v1.Cropped,
+    pipeline: AmosPipeline,
+    plan: Plan,
+    stages: StageLog,
+    predicting: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Each configuration's mean softmax over folds and mirrors, on the crop, accumulated (:func:`accumulate`).
 
     The tiling accumulates and returns in ``plan``'s tiling dtype on ``plan.tiling_device``; the ensemble is
     ``plan.choice.ensemble_dtype`` on ``plan.ensemble_device``. The network inputs come from :class:`NetworkInputs`:
     configurations that preprocess alike share one, and with ``plan.choice.overlap`` the next is preprocessed while
-    the current configuration predicts (the "preprocess" stage is then the wait for it).
+    the current configuration predicts (the "preprocess" stage is then the wait for it). ``predicting`` is called
+    once, when the first configuration's input is ready (the caller starts reading the next case there).
 
     Returns:
         ``(K, z, y, x)`` on ``plan.ensemble_device``, the crop's shape (``size_after_cropping``): float32 sums or a
@@ -197,18 +205,26 @@ def ensemble_probabilities(
     total = torch.zeros((classes, *cropped.shape), dtype=choice.ensemble_dtype, device=plan.ensemble_device)
     with NetworkInputs(cropped, pipeline.configurations, overlap=choice.overlap) as inputs:
         for index in range(len(pipeline.configurations)):
-            predict_configuration(index, inputs, total, pipeline, plan, stages)
+            predict_configuration(index, inputs, total, pipeline, plan, stages, predicting if index == 0 else None)
     return total
 
 
 def predict_configuration(
-    index: int, inputs: NetworkInputs, total: torch.Tensor, pipeline: AmosPipeline, plan: Plan, stages: StageLog
+    index: int,
+    inputs: NetworkInputs,
+    total: torch.Tensor,
+    pipeline: AmosPipeline,
+    plan: Plan,
+    stages: StageLog,
+    predicting: Callable[[], None] | None = None,
 ) -> None:
     """Configuration ``index``'s mean softmax over folds and mirrors, resampled to the crop and added to the ensemble
-    accumulator ``total`` ``(K, z, y, x)``."""
+    accumulator ``total`` ``(K, z, y, x)``; ``predicting`` (if any) is called once its input is ready."""
     device, settings, configuration = pipeline.device, pipeline.settings, pipeline.configurations[index]
     with stages.stage("preprocess"):
         image = torch.from_numpy(inputs.take(index)).to(device)
+    if predicting is not None:
+        predicting()
     with stages.stage("predict"), configuration.networks_on(device) as networks:
         probabilities = predict_tiled(
             image,
@@ -244,9 +260,10 @@ def postprocess(labels: torch.Tensor, spacing_zyx: Sequence[float], table: dict)
     return backend_for(result).to_numpy(result)
 
 
-def plan_memory(path: Path, header: ImageHeader, pipeline: AmosPipeline) -> Plan:
+def plan_memory(path: Path, header: ImageHeader, pipeline: AmosPipeline, upcoming: ImageHeader | None = None) -> Plan:
     """Where and in which dtype the accumulators of the case in ``path`` fit, from its header alone: before its voxels
-    are read (the plan's first phase) and before any prediction work.
+    are read (the plan's first phase) and before any prediction work; with the header of the next case's image,
+    whether that image can be read ahead (an overlapped choice).
 
     Raises:
         InputError: an axis that nnU-Net's resampling to a configuration's spacing would leave without a voxel.
@@ -261,6 +278,7 @@ def plan_memory(path: Path, header: ImageHeader, pipeline: AmosPipeline) -> Plan
         pipeline.network_costs,
         bool(settings.mirror_axes),
         pipeline.device,
+        0 if upcoming is None else upcoming.dtype.itemsize * math.prod(upcoming.geometry.shape_zyx),
     )
     for configuration, model in zip(pipeline.configurations, case.configurations):
         if min(model.tiling.shape) < 1:
@@ -274,24 +292,55 @@ def plan_memory(path: Path, header: ImageHeader, pipeline: AmosPipeline) -> Plan
     return plan_amos(shown(path), case, settings.tile_batch_size, budget, pipeline.device, overlap)
 
 
-def predict_case(case: Case, pipeline: AmosPipeline, stages: StageLog) -> None:
+def read_checked(path: Path) -> tuple[np.ndarray, Geometry]:
+    """The image of ``path`` (``(z, y, x)``, its own dtype) and its geometry; its voxels must be finite in float32,
+    the dtype nnU-Net's preprocessing computes in.
+
+    Raises:
+        InputError: unreadable, or voxels that float32 does not hold (names ``path``).
+    """
+    image, geometry = read_image(path)
+    check_finite_as(image, np.float32, path)
+    return image, geometry
+
+
+def _image_of(case: Case | None) -> tuple[Path, ImageHeader] | None:
+    """The path and header of ``case``'s image, None without a case or when its header is bad (that case reports
+    it when it runs)."""
+    if case is None:
+        return None
+    (path,) = case.inputs.values()
+    try:
+        return path, read_header(path)
+    except InputError:
+        return None
+
+
+def predict_case(case: Case, pipeline: AmosPipeline, stages: StageLog, upcoming: Case | None = None) -> None:
     """Segment one case and write its label map (uint8, the input's geometry); nothing else is written.
 
-    The memory is planned from the image's header, before its voxels are read; the voxels must be finite in float32,
-    the dtype nnU-Net's preprocessing computes in.
+    The memory is planned from the image's header, before its voxels are read (:func:`read_checked`). When host
+    work may overlap (``--overlap``) and the plan has room for it, the ``upcoming`` case's image is read on a
+    background thread from the first prediction on, and taken by that case's own call (its "read" stage is then
+    the wait for it; its errors are reported there).
     """
     (path,) = case.inputs.values()
-    plan = plan_memory(path, read_header(path), pipeline)
+    ahead = pipeline.read_ahead.claim(path)
+    following = _image_of(upcoming) if pipeline.settings.overlaps_on(pipeline.device) else None
+    plan = plan_memory(path, read_header(path), pipeline, None if following is None else following[1])
     log.info(plan.line())
     with stages.stage("read"):
-        image, geometry = read_image(path)
-        check_finite_as(image, np.float32, path)
+        image, geometry = read_checked(path) if ahead is None else ahead.result()
     if not image.any():
         raise InputError(f"{shown(path)}: every voxel is 0; nnU-Net's non-zero crop would be empty")
     with stages.stage("crop"):
         cropped = nnunet_v1.crop(image[None], geometry)
     del image
-    probabilities = ensemble_probabilities(cropped, pipeline, plan, stages)
+    read_next = None
+    if following is not None and plan.choice.overlap:
+        next_path = following[0]
+        read_next = partial(pipeline.read_ahead.start, next_path, partial(read_checked, next_path), "read ahead")
+    probabilities = ensemble_probabilities(cropped, pipeline, plan, stages, read_next)
     with stages.stage("argmax"):
         labels = labels_in_image(probabilities, len(pipeline.configurations), cropped, geometry)
     del probabilities
@@ -311,6 +360,7 @@ class AmosPipeline:
     settings: Settings
     device: torch.device
     network_costs: tuple[NetworkCost, ...]
+    read_ahead: ReadAhead[tuple[np.ndarray, Geometry]] = field(default_factory=ReadAhead, compare=False)
 
     @property
     def sockets(self) -> Sockets:
@@ -324,8 +374,8 @@ class AmosPipeline:
             f"overlap {s.overlap}, device {self.device}"
         )
 
-    def predict_case(self, case: Case, stages: StageLog) -> None:
-        predict_case(case, self, stages)
+    def predict_case(self, case: Case, stages: StageLog, upcoming: Case | None = None) -> None:
+        predict_case(case, self, stages, upcoming)
 
     def finish(self, output_dir: Path, succeeded: bool) -> None:
         """Nothing: an AMOS run writes only the label maps."""

@@ -201,10 +201,11 @@ class AutopetPipeline:
         names = ", ".join(shown(p.name) for p in self.checkpoints)
         return f"checkpoint(s) {names}, ensemble {self.settings.ensemble}, device {self.device}"
 
-    def predict_case(self, case: Case, stages: StageLog) -> None:
+    def predict_case(self, case: Case, stages: StageLog, upcoming: Case | None = None) -> None:
         """Check the headers of the companions (the CT: a readable 3D scalar image) and of the PET, plan the memory
         from the PET's header, read the PET (finite in float32, the dtype the pipeline computes in), segment, and
-        write ``case.output`` atomically."""
+        write ``case.output`` atomically. Nothing is read ahead (``upcoming`` is not used): a PET's read is a small
+        part of a case."""
         model_socket = self.sockets.inputs[0]
         for socket, path in case.inputs.items():
             if socket != model_socket:
