@@ -427,6 +427,21 @@ def test_bfloat16_accumulation_through_the_staging_buffer_changes_no_byte(monkey
     assert staged.dtype == torch.bfloat16 and torch.equal(staged, plain)
 
 
+@pytest.mark.parametrize("networks", [1, 2])
+@pytest.mark.parametrize("mirror_axes", [(), (0, 2)], ids=["no mirroring", "mirroring"])
+def test_the_reused_softmax_buffer_changes_no_byte(monkeypatch, networks: int, mirror_axes: tuple) -> None:
+    """The softmax of every tile batch goes into one reused buffer (a shorter last batch included: 4 tiles per pass);
+    the result is byte for byte that of a fresh ``torch.softmax`` per forward pass, whether the buffer is the batch's
+    result itself (one network, no mirroring) or summed over networks and flips."""
+    ensemble, image = [generic_unet(seed) for seed in range(networks)], volume((CHANNELS, 29, 23, 37))
+    options = {"mirror_axes": mirror_axes, "memory": TileMemory(tile_batch_size=4), "progress": False}
+    assert len(NnunetTiling().tiles((29, 23, 37), PATCH)) % 4 != 0
+    reused = predict_tiled(image, ensemble, PATCH, **options)
+    monkeypatch.setattr(tiling._SoftmaxBuffer, "__call__", lambda self, logits: torch.softmax(logits, 1))
+    fresh = predict_tiled(image, ensemble, PATCH, **options)
+    assert torch.equal(reused, fresh)
+
+
 def test_accumulators_of_float32_or_more_add_in_place() -> None:
     values = torch.zeros(2, 3)
     assert _staging(torch.float32, values) is None and _staging(torch.float64, values) is None

@@ -170,11 +170,32 @@ class _Pass:
     progress: bool
 
 
+class _SoftmaxBuffer:
+    """``torch.softmax(logits, 1)`` written into one buffer that every tile batch of a pass reuses: the same kernel
+    (``aten::_softmax``), without a fresh ``(B, K, *patch)`` float32 tensor per forward pass, whose pages the CPU
+    faults in anew each time (three times the softmax's own cost there). A result is valid until the next call."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffer
+        if (
+            buffer is None
+            or buffer.shape[1:] != logits.shape[1:]
+            or len(buffer) < len(logits)
+            or (buffer.dtype, buffer.device) != (logits.dtype, logits.device)
+        ):
+            buffer = self._buffer = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        return torch.ops.aten._softmax.out(logits, 1, False, out=buffer[: len(logits)])
+
+
 def _predict_batch(
     batch: torch.Tensor,
     networks: Sequence[torch.nn.Module],
     job: _Pass,
     autocast_dtype: torch.dtype | None,
+    softmax: _SoftmaxBuffer,
 ) -> torch.Tensor:
     """Weighted mean over networks and flips of one tile batch's softmax (or logits).
 
@@ -184,9 +205,11 @@ def _predict_batch(
             coefficient (its normalised ensemble weight divided by the number of flips), and whether to take the
             softmax over the class dimension before averaging.
         autocast_dtype: run the networks under autocast to this dtype (None: off, or unsupported by the device).
+        softmax: the pass's softmax buffer.
 
     Returns:
-        ``(B, K, *patch)`` float32 on the batch's device. Each flip's sum over networks is flipped back once.
+        ``(B, K, *patch)`` float32 on the batch's device. Each flip's sum over networks is flipped back once. With one
+        network and no mirroring it is the softmax buffer itself: to be used before the next call.
     """
     autocast = torch.autocast(batch.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     total = None
@@ -197,7 +220,7 @@ def _predict_batch(
             with autocast:
                 prediction = network(flipped).float()
             if job.probabilities:
-                prediction = torch.softmax(prediction, 1)
+                prediction = softmax(prediction)
             if flip_sum is None:
                 flip_sum = prediction * coefficient if coefficient != 1.0 else prediction
             else:
@@ -279,11 +302,12 @@ def _predict_on(
     accumulate_dtype, batch_size = job.memory.accumulate_dtype, job.memory.tile_batch_size
     importance = _importance_sum(padded_size, tiles, weight_map, accumulate_dtype, result_device)
     accumulator = staging = None
+    softmax = _SoftmaxBuffer()
     with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not job.progress) as bar:
         for first in range(0, len(tiles), batch_size):
             batch_tiles = tiles[first : first + batch_size]
             batch = torch.stack([padded[(slice(None), *tile)] for tile in batch_tiles])
-            prediction = _predict_batch(batch, networks, job, autocast_dtype).to(result_device)
+            prediction = _predict_batch(batch, networks, job, autocast_dtype, softmax).to(result_device)
             if accumulator is None:
                 shape = (prediction.shape[1], *padded_size)
                 accumulator = torch.zeros(shape, dtype=accumulate_dtype, device=result_device)
