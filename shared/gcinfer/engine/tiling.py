@@ -316,6 +316,7 @@ def _predict_on(
                 _add_into(accumulator[(slice(None), *tile)], tile_prediction, weight_map, staging)
             del batch, prediction, tile_prediction  # freed before the next batch is built
             bar.update(len(batch_tiles))
+    del softmax, staging  # the tile buffers are not held while the result is made
     result = accumulator.div_(importance)[(slice(None), *crop)]
     return result.to(job.memory.result_dtype).contiguous()  # no copy unless cropped or cast
 
