@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.gcinfer-installed
 CACHE ?= .cache
+TEST_WORKERS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test lint bench gpu-check fixtures container-test clean
@@ -27,7 +28,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 test: install
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 container-test: fixtures
 	containers/container-test.sh --fixtures $(CACHE)/fixtures
