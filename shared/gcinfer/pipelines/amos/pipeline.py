@@ -87,8 +87,9 @@ class Settings:
         mirror_axes: spatial axes mirrored at test time (empty: no test-time augmentation).
         tile_batch_size: tiles per forward pass (speed and memory only).
         postprocessing: the organ-wise post-processing table, or None to skip it.
-        overlap: ``auto``, ``on`` or ``off``: preprocess the next configuration on the host while one predicts
-            (``auto``: on CUDA devices, where the host is otherwise idle; the memory plan may still refuse it).
+        overlap: ``auto``, ``on`` or ``off``: preprocess the next configuration and read the next case on the host
+            while one predicts (``auto``: on CUDA devices, where the host is otherwise idle; the memory plan may still
+            refuse it).
     """
 
     sockets: Sockets
@@ -121,7 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap",
         choices=OVERLAP_CHOICES,
-        help="preprocess the next configuration while one predicts (default: the config's, auto = on CUDA)",
+        help="preprocess the next configuration and read the next case while one predicts (default: the config's, "
+        "auto = on CUDA)",
     )
 
 
