@@ -53,7 +53,8 @@ NNUNET_PREPROCESS_PER_VOXEL = ((42, 10), (22, 32))
 """``Configuration.preprocess`` with 3D resampling: the largest of these (per Nc, per Nt) forms (float64 copies of the
 image and of the int64 mask, spline prefilters, outputs), plus :data:`NNUNET_PREPROCESS_FIXED`. Measured peaks:
 7.06 GB (Nc 157 M, Nt 126 M) and 6.68 GB (Nc 157 M, Nt 80 M) at full size, 150-690 MB at 2-8 M voxels, measured
-while the int64 mask was resampled for every scheme: an upper bound now that CT configurations skip it."""
+while the int64 mask was resampled for every scheme and the spline prefilter wrote a second float64 copy of the
+padded image: an upper bound now that CT configurations skip the mask and the prefilter runs in place."""
 NNUNET_PREPROCESS_SEPARATE_Z_PER_VOXEL = ((42, 10), (16, 76))
 """The same with separate-z resampling, whose ``map_coordinates`` step builds int64 and float64 grids of Nt."""
 NNUNET_PREPROCESS_FIXED = 32 * 2**20

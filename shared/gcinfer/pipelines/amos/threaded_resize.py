@@ -117,21 +117,19 @@ def _pad_edge(image: np.ndarray, pad: int, threads: int) -> np.ndarray:
 
 
 def _spline_filter(padded: np.ndarray, order: int, threads: int) -> np.ndarray:
-    """``scipy.ndimage.spline_filter(padded, order, output=np.float64, mode="nearest")``: the same 1D filter along each
-    axis in turn, each pass split over ``threads`` threads along another axis (each line is filtered alone, so the
-    same bytes)."""
-    output = np.empty(padded.shape, dtype=np.float64)
-    source = padded
+    """``scipy.ndimage.spline_filter(padded, order, output=np.float64, mode="nearest")`` of a float64 array, computed in
+    place (``padded`` is overwritten and returned): the same 1D filter along each axis in turn, each pass split over
+    ``threads`` threads along another axis. scipy filters each line alone, read whole into its line buffer before it
+    is written back, so in place gives the same bytes, without a second array of the padded image's size."""
     for axis in range(padded.ndim):
         across = 1 if axis == 0 and padded.ndim > 1 else 0
 
-        def lines(start: int, stop: int, axis: int = axis, across: int = across, source: np.ndarray = source) -> None:
+        def lines(start: int, stop: int, axis: int = axis, across: int = across) -> None:
             index = tuple(slice(start, stop) if a == across else slice(None) for a in range(padded.ndim))
-            ndimage.spline_filter1d(source[index], order, axis, output=output[index], mode=_MODE)
+            ndimage.spline_filter1d(padded[index], order, axis, output=padded[index], mode=_MODE)
 
         _in_slabs(padded.shape, across, threads, lines)
-        source = output
-    return output
+    return padded
 
 
 def _reproduced(image: Any, output_shape: Any, order: int, kwargs: dict) -> bool:
