@@ -50,9 +50,10 @@ def tiling_phases(
     ``(K, *padded)`` and the importance sum ``(1, *padded)`` in the tiling dtype where the choice puts them, the
     Gaussian map, the tile buffers, the prediction's copy to the host when accumulating there, and the network's
     forward pass (its output included). Tile buffers (a batch and its prediction are freed before the next batch is
-    stacked): ``(B, C, *patch)`` the batch, and with mirroring the flipped batch; ``(B, K, *patch)`` float32 the
-    softmax and the weighted copy (on the CPU with a reduced-precision accumulator: the float32 buffer
-    the engine adds each tile through), and with mirroring the flip sum, its flip back and the total.
+    stacked; the softmax buffer and, on the CPU with a reduced-precision accumulator, the float32 buffer each tile is
+    added through are reused by every batch and freed before the result is made): ``(B, C, *patch)`` the batch, and
+    with mirroring the flipped batch; ``(B, K, *patch)`` float32 the softmax and the weighted copy (or that float32
+    buffer), and with mirroring the flip sum, its flip back and the total.
     Returning: the accumulator, the importance sum and the cropped or cast result ``(K, *shape)`` in
     ``result_dtype`` (no copy when neither cropped nor cast).
     """
