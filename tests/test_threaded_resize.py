@@ -48,13 +48,17 @@ def test_the_padding_and_the_prefilter_are_scipys(small_slabs) -> None:
         assert threaded_resize._spline_filter(ours, max(order, 2), threads).tobytes() == expected.tobytes()
 
 
-def test_a_failing_slab_is_raised(small_slabs, monkeypatch) -> None:
+@pytest.mark.parametrize("order", [1, 3], ids=["scipy's zoom", "vectorised zoom"])
+def test_a_failing_slab_is_raised(small_slabs, monkeypatch, order: int) -> None:
     def fail(*_args):
         raise RuntimeError("slab failed")
 
-    monkeypatch.setattr(threaded_resize._nd_image, "zoom_shift", fail)
+    if order == 1:
+        monkeypatch.setattr(threaded_resize._nd_image, "zoom_shift", fail)
+    else:
+        monkeypatch.setattr(threaded_resize.SplineZoom, "fill", fail)
     with pytest.raises(RuntimeError, match="slab failed"):
-        resize_threaded(np.ones((8, 8, 8)), (16, 16, 16), 3, 2)
+        resize_threaded(np.ones((8, 8, 8)), (16, 16, 16), order, 2)
 
 
 @pytest.mark.parametrize("spacing", [(1.25, 0.78, 0.78), (4.0, 0.8, 0.8)], ids=["3D", "z apart"])
