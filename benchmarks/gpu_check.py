@@ -8,6 +8,9 @@ Skipped (exit 0, one line saying so) where no CUDA device is present. Otherwise,
   input (max probability difference, identical argmax voxels);
 - pipelines: ``gcinfer amos-task1|amos-task2|autopet2`` end to end on the fixtures, ``--device cuda`` vs
   ``--device cpu`` (identical label voxels, wall time of each);
+- overlap: ``gcinfer amos-task1|amos-task2`` on the device with ``--overlap on`` vs ``off`` (the host's
+  preprocessing of the next configuration and read of the next case hidden behind prediction: speed-up, identical
+  label voxels);
 - post-processing: the AMOS organ-wise post-processing with cupy on the device vs numpy (identical labels);
 - out-of-memory fallback: a tiled prediction under a memory cap (``torch.cuda.set_per_process_memory_fraction``)
   that forces a real CUDA out-of-memory error; the fallback's warning and its result vs the uncapped one;
@@ -108,12 +111,12 @@ def check_tiling(fixtures: Path, device: torch.device, work: Path) -> list[Row]:
     return [("tiling", "AMOS fixture, cuda fp16 autocast vs cpu fp32", compare(cpu, cuda))]
 
 
-def run_pipeline(name: str, fixtures: Path, device: str, output: Path) -> float:
+def run_pipeline(name: str, fixtures: Path, device: str, output: Path, options: tuple[str, ...] = ()) -> float:
     folder, config, extra = PIPELINES[name]
     command = [sys.executable, "-m", "gcinfer.cli", "--quiet", "--no-progress", name, "--device", device]
     command += ["--input", str(fixtures / folder / "input"), "--output", str(output)]
     command += ["--model", str(fixtures / folder / "model")]
-    command += ["--config", str(REPOSITORY / "docker" / config / "config.json"), *extra]
+    command += ["--config", str(REPOSITORY / "docker" / config / "config.json"), *extra, *options]
     start = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
     return time.perf_counter() - start
@@ -137,6 +140,29 @@ def check_pipelines(fixtures: Path, device: torch.device, work: Path) -> list[Ro
         share = identical_share(work / name / "cpu", work / name / str(device))
         times = ", ".join(f"{d} {s:.1f} s" for d, s in seconds.items())
         rows.append(("pipeline", f"{name}, {device} vs cpu", f"identical voxels {100 * share:.3f} % ({times})"))
+    return rows
+
+
+def check_overlap(fixtures: Path, device: torch.device, work: Path) -> list[Row]:
+    """AMOS on the device with the host work (next configuration's preprocessing, next case's read) overlapped with
+    prediction and without: the speed-up, and the same labels."""
+    rows = []
+    for name in ("amos-task1", "amos-task2"):
+        seconds = {
+            overlap: run_pipeline(
+                name, fixtures, str(device), work / "overlap" / name / overlap, ("--overlap", overlap)
+            )
+            for overlap in ("off", "on")
+        }
+        share = identical_share(work / "overlap" / name / "off", work / "overlap" / name / "on")
+        rows.append(
+            (
+                "overlap",
+                f"{name} on {device}, --overlap on vs off",
+                f"identical voxels {100 * share:.3f} %, {seconds['off'] / seconds['on']:.2f}x "
+                f"(off {seconds['off']:.1f} s, on {seconds['on']:.1f} s)",
+            )
+        )
     return rows
 
 
@@ -239,7 +265,15 @@ def check_throughput(fixtures: Path, device: torch.device, work: Path) -> list[R
     return rows
 
 
-CHECKS = (check_tiling, check_pipelines, check_postprocessing, check_oom_fallback, check_cudnn, check_throughput)
+CHECKS = (
+    check_tiling,
+    check_pipelines,
+    check_overlap,
+    check_postprocessing,
+    check_oom_fallback,
+    check_cudnn,
+    check_throughput,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,3 +54,29 @@ def test_pipeline_outputs_are_compared_voxel_by_voxel(tmp_path: Path) -> None:
         changed[0, 0, :value] = 1
         write_label_map(tmp_path / side / "case.mha", changed, geometry)
     assert gpu_check.identical_share(tmp_path / "a", tmp_path / "b") == pytest.approx(23 / 24)
+
+
+def test_the_overlap_check_runs_amos_with_the_overlap_off_and_on(tmp_path: Path, monkeypatch) -> None:
+    import numpy as np
+
+    from gcinfer.io import Geometry, write_label_map
+
+    geometry = Geometry((4, 3, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    runs = []
+
+    def run_pipeline(name, fixtures, device, output, options):
+        runs.append((name, device, options))
+        output.mkdir(parents=True)
+        labels = np.zeros((2, 3, 4), np.uint8)
+        labels[0, 0, 0] = options == ("--overlap", "on")
+        write_label_map(output / "case.mha", labels, geometry)
+        return {"off": 12.0, "on": 8.0}[options[1]]
+
+    monkeypatch.setattr(gpu_check, "run_pipeline", run_pipeline)
+    rows = gpu_check.check_overlap(tmp_path / "fixtures", torch.device("cpu"), tmp_path)
+    assert [run[2] for run in runs] == [("--overlap", "off"), ("--overlap", "on")] * 2
+    assert rows[0] == (
+        "overlap",
+        "amos-task1 on cpu, --overlap on vs off",
+        "identical voxels 95.833 %, 1.50x (off 12.0 s, on 8.0 s)",
+    )
