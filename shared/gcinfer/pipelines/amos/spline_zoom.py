@@ -86,7 +86,7 @@ class SplineZoom:
         width = len(columns.first)
         self.block_rows = max(1, BLOCK_BYTES // (self.taps * width * 8))
         self.column_index = (columns.first[None, :] + np.arange(self.taps)[:, None]).reshape(-1)
-        self.column_weights = np.ascontiguousarray(columns.weights.T)
+        self.column_weights = np.ascontiguousarray(columns.weights.T).reshape(-1, 1)
         starts = range(0, len(rows.first), self.block_rows)
         self.row_span = max(
             rows.first[min(y + self.block_rows, len(rows.first)) - 1] - rows.first[y] + self.taps for y in starts
@@ -109,53 +109,76 @@ class SplineZoom:
     def fill(self, output: np.ndarray, start: int, stop: int) -> None:
         """Compute ``output[start:stop]`` (output: float64, the whole output's shape; ``start:stop`` along its first
         axis)."""
-        rows, width = self.axes[-2], len(self.axes[-1].first)
-        span = np.empty((self.row_span, self.coefficients.shape[-1]))
-        gathered_rows = np.empty((self.block_rows, self.coefficients.shape[-1]))
-        gathered = np.empty((self.block_rows, self.taps, width))
-        buffers = span, gathered_rows, gathered
+        rows = self.axes[-2]
+        buffers = _Buffers(self)
         if self.coefficients.ndim == 2:
             for y0 in range(start, stop, self.block_rows):
                 y1 = min(y0 + self.block_rows, stop)
                 r0, r1 = rows.first[y0], rows.first[y1 - 1] + self.taps
-                self._add_rows(self.coefficients[r0:r1], y0, y1, r0, output[y0:y1], True, buffers)
+                total = buffers.total(y1 - y0)
+                self._add_rows(self.coefficients[r0:r1], y0, y1, r0, total, True, buffers)
+                np.copyto(output[y0:y1], total.T)
             return
         planes = self.axes[0]
         for z in range(start, stop):
             for y0 in range(0, len(rows.first), self.block_rows):
                 y1 = min(y0 + self.block_rows, len(rows.first))
                 r0, r1 = rows.first[y0], rows.first[y1 - 1] + self.taps
-                fresh = True
+                total, fresh = buffers.total(y1 - y0), True
                 for i in range(self.taps):
-                    scaled = span[: r1 - r0]
+                    scaled = buffers.span[: r1 - r0]
                     np.multiply(self.coefficients[planes.first[z] + i, r0:r1], planes.weights[z, i], out=scaled)
-                    fresh = self._add_rows(scaled, y0, y1, r0, output[z, y0:y1], fresh, buffers)
+                    fresh = self._add_rows(scaled, y0, y1, r0, total, fresh, buffers)
+                np.copyto(output[z, y0:y1], total.T)
 
     def _add_rows(
-        self,
-        plane: np.ndarray,
-        y0: int,
-        y1: int,
-        r0: int,
-        total: np.ndarray,
-        fresh: bool,
-        buffers: tuple[np.ndarray, np.ndarray, np.ndarray],
+        self, plane: np.ndarray, y0: int, y1: int, r0: int, total: np.ndarray, fresh: bool, buffers: _Buffers
     ) -> bool:
-        """Add the taps of the last two axes for output rows ``y0:y1`` to ``total`` (``(y1 - y0, width)``; replaced
-        instead when ``fresh``): ``plane`` is input rows ``r0:`` already multiplied by the leading axes' weights.
-        Returns False (``total`` holds a sum from now on)."""
+        """Add the taps of the last two axes for output rows ``y0:y1`` to ``total`` (transposed: ``(width, y1 -
+        y0)``; replaced instead when ``fresh``): ``plane`` is input rows ``r0:`` already multiplied by the leading
+        axes' weights. Each row tap's rows are gathered and weighted, then transposed, so that the column taps are
+        gathered as whole rows too (an element-wise gather costs several times more). Returns False (``total``
+        holds a sum from now on)."""
         rows, taps, count = self.axes[-2], self.taps, y1 - y0
-        _, gathered_rows, gathered = buffers
-        picked, terms = gathered_rows[:count], gathered[:count]
+        picked, flipped, terms = buffers.work(count)
+        by_tap = terms.reshape(taps, -1, count)
         for j in range(taps):
             np.take(plane, rows.first[y0:y1] + (j - r0), axis=0, out=picked, mode="clip")
             np.multiply(picked, rows.weights[y0:y1, j, None], out=picked)
-            np.take(picked, self.column_index, axis=1, out=terms.reshape(count, -1), mode="clip")
+            np.copyto(flipped, picked.T)
+            np.take(flipped, self.column_index, axis=0, out=terms, mode="clip")
             np.multiply(terms, self.column_weights, out=terms)
             for k in range(taps):
                 if fresh:
-                    np.add(terms[:, k], 0.0, out=total)
+                    np.add(by_tap[k], 0.0, out=total)
                     fresh = False
                 else:
-                    np.add(total, terms[:, k], out=total)
+                    np.add(total, by_tap[k], out=total)
         return fresh
+
+
+class _Buffers:
+    """One :meth:`SplineZoom.fill` call's working arrays, sized for a block of output rows; smaller blocks (the
+    last) use contiguous leading parts."""
+
+    def __init__(self, zoom: SplineZoom) -> None:
+        columns, width = zoom.coefficients.shape[-1], len(zoom.axes[-1].first)
+        self.columns, self.width, self.taps = columns, width, zoom.taps
+        self.span = np.empty((zoom.row_span, columns))
+        self._picked = np.empty(zoom.block_rows * columns)
+        self._flipped = np.empty(zoom.block_rows * columns)
+        self._terms = np.empty(zoom.block_rows * zoom.taps * width)
+        self._total = np.empty(zoom.block_rows * width)
+
+    def total(self, count: int) -> np.ndarray:
+        """``(width, count)``: a block's sum, transposed."""
+        return self._total[: self.width * count].reshape(self.width, count)
+
+    def work(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(count, columns)`` gathered rows, ``(columns, count)`` the same transposed, ``(taps * width, count)``
+        gathered columns (tap-major)."""
+        return (
+            self._picked[: count * self.columns].reshape(count, self.columns),
+            self._flipped[: count * self.columns].reshape(self.columns, count),
+            self._terms[: count * self.taps * self.width].reshape(self.taps * self.width, count),
+        )
