@@ -4,6 +4,9 @@ bit for bit scipy's ``zoom_shift``, in any slabs, and scipy's own call wherever 
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +104,13 @@ def test_resize_threaded_interpolates_with_it_from_order_two_on(monkeypatch) -> 
     assert sorted(fills) == [(0, 10), (10, 20)] and not zoom_shifts
     resize_threaded(image, (20, 8, 9), 1, 2)
     assert len(fills) == 2 and len(zoom_shifts) == 2
+
+
+def test_the_resize_benchmark_compares_the_three_ways_byte_for_byte() -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_resize.py"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--planes", "4"], capture_output=True, text=True, check=True, timeout=300
+    )
+    rows = [line for line in completed.stdout.splitlines() if line.startswith("| 2 x") or line.startswith("| 1.5 x")]
+    assert len(rows) == 6 and all(row.endswith("| yes |") for row in rows), completed.stdout
+    assert "| 2 x 0.68825 x 0.68825 | 2 x 580 x 580 | scikit-image resize (reference) |" in completed.stdout

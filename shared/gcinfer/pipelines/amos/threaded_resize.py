@@ -52,7 +52,9 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def resize_threaded(image: np.ndarray, output_shape: Sequence[int], order: int, threads: int) -> np.ndarray:
+def resize_threaded(
+    image: np.ndarray, output_shape: Sequence[int], order: int, threads: int, vectorised: bool = True
+) -> np.ndarray:
     """``skimage.transform.resize(image, output_shape, order=order, mode="edge", anti_aliasing=False)`` of a float64
     image, bit for bit, the interpolation split over ``threads`` threads along the first axis.
 
@@ -62,6 +64,8 @@ def resize_threaded(image: np.ndarray, output_shape: Sequence[int], order: int, 
         output_shape: one positive int per dimension of ``image``.
         order: spline order, 0 to 5.
         threads: at most this many threads (fewer for small outputs).
+        vectorised: interpolate with :class:`SplineZoom` where it reproduces scipy (False: scipy's ``zoom_shift``
+            throughout, as the benchmark's comparison runs it).
 
     Returns:
         float64 array of ``output_shape``.
@@ -74,11 +78,11 @@ def resize_threaded(image: np.ndarray, output_shape: Sequence[int], order: int, 
         filtered, npad = image, 0
     output = np.empty(output_shape, dtype=np.float64)
     mode = _ni_support._extend_mode_to_code(_MODE)
-    vectorised = SplineZoom.of(filtered, output_shape, zoom, order, npad)
+    interpolation = SplineZoom.of(filtered, output_shape, zoom, order, npad) if vectorised else None
 
     def slab(start: int, stop: int) -> None:
-        if vectorised is not None:
-            vectorised.fill(output, start, stop)
+        if interpolation is not None:
+            interpolation.fill(output, start, stop)
             return
         shift = np.zeros(len(output_shape), dtype=np.float64)
         shift[0] = start
