@@ -137,8 +137,9 @@ class SplineZoom:
         """Add the taps of the last two axes for output rows ``y0:y1`` to ``total`` (transposed: ``(width, y1 -
         y0)``; replaced instead when ``fresh``): ``plane`` is input rows ``r0:`` already multiplied by the leading
         axes' weights. Each row tap's rows are gathered and weighted, then transposed, so that the column taps are
-        gathered as whole rows too (an element-wise gather costs several times more). Returns False (``total``
-        holds a sum from now on)."""
+        gathered as whole rows too (an element-wise gather costs several times more). The gathers' indices are in
+        range (checked by :func:`axis_taps`): ``mode="clip"`` only spares ``take`` the buffer it writes through in
+        its default mode. Returns False (``total`` holds a sum from now on)."""
         rows, taps, count = self.axes[-2], self.taps, y1 - y0
         picked, flipped, terms = buffers.work(count)
         by_tap = terms.reshape(taps, -1, count)
