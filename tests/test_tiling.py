@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from gcinfer.engine import tiling
+from gcinfer.engine.staged_update import StagedUpdate
 from gcinfer.engine.tiling import (
     MonaiTiling,
     NnunetTiling,
     Output,
     TileMemory,
     _fallback_attempts,
-    _staging,
     look_up_option,
     predict_tiled,
 )
@@ -414,15 +414,16 @@ def test_bfloat16_accumulation_through_the_staging_buffer_changes_no_byte(monkey
     memory = TileMemory(accumulate_dtype=torch.bfloat16, result_dtype=torch.bfloat16)
     options = {"tiling": NnunetTiling(gaussian=gaussian), "mirror_axes": (0,), "memory": memory, "progress": False}
     buffers = []
+    for_op = StagedUpdate.for_op
 
-    def spy(dtype: torch.dtype, values: torch.Tensor) -> torch.Tensor | None:
-        buffers.append(_staging(dtype, values))
-        return buffers[-1]
+    def spy(dtype: torch.dtype, values: torch.Tensor) -> StagedUpdate:
+        buffers.append(for_op(dtype, values).buffer)
+        return StagedUpdate(values.shape, buffers[-1].dtype)
 
-    monkeypatch.setattr(tiling, "_staging", spy)
+    monkeypatch.setattr(StagedUpdate, "for_op", spy)
     staged = predict_tiled(image, network, PATCH, **options)
     assert len(buffers) == (2 if gaussian else 1) and all(b is not None and b.dtype == torch.float32 for b in buffers)
-    monkeypatch.setattr(tiling, "_staging", lambda dtype, values: None)
+    monkeypatch.setattr(StagedUpdate, "for_op", lambda dtype, values: StagedUpdate(values.shape, None))
     plain = predict_tiled(image, network, PATCH, **options)
     assert staged.dtype == torch.bfloat16 and torch.equal(staged, plain)
 
@@ -440,12 +441,6 @@ def test_the_reused_softmax_buffer_changes_no_byte(monkeypatch, networks: int, m
     monkeypatch.setattr(tiling._SoftmaxBuffer, "__call__", lambda self, logits: torch.softmax(logits, 1))
     fresh = predict_tiled(image, ensemble, PATCH, **options)
     assert torch.equal(reused, fresh)
-
-
-def test_accumulators_of_float32_or_more_add_in_place() -> None:
-    values = torch.zeros(2, 3)
-    assert _staging(torch.float32, values) is None and _staging(torch.float64, values) is None
-    assert _staging(torch.bfloat16, values).shape == (2, 3)
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(capsys) -> None:

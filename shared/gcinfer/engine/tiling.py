@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from gcinfer.engine.staged_update import StagedUpdate
 from gcinfer.engine.windows import (
     Slices,
     gaussian_monai,
@@ -230,36 +231,17 @@ def _predict_batch(
     return total
 
 
-def _staging(region_dtype: torch.dtype, values: torch.Tensor) -> torch.Tensor | None:
-    """A buffer like ``values`` for :func:`_add_into` when adding it to a region of a lower-precision
-    ``region_dtype`` (bfloat16) would convert through fresh temporaries: on the CPU, where an in-place op whose target
-    has another dtype than the op's common dtype computes on full-size copies in the common dtype. None elsewhere:
-    the same dtype, a target of higher precision (its own dtype is the common one), or CUDA (which converts inside
-    the kernel)."""
-    common = torch.promote_types(region_dtype, values.dtype)
-    if values.device.type != "cpu" or region_dtype == values.dtype or common != values.dtype:
-        return None
-    return torch.empty_like(values, memory_format=torch.contiguous_format)
-
-
 def _add_into(
-    region: torch.Tensor, values: torch.Tensor, weight_map: torch.Tensor | None, staging: torch.Tensor | None
+    region: torch.Tensor, values: torch.Tensor, weight_map: torch.Tensor | None, staging: StagedUpdate
 ) -> None:
     """``region += values * weight_map`` (``+= values`` without a map), computed in ``values``' dtype and rounded
-    once to the region's.
-
-    With a ``staging`` buffer (:func:`_staging`, shaped like ``values``) the region is copied into it, the same
-    kernel runs there and the result is copied back: the arithmetic and rounding of the in-place op on mixed dtypes,
-    without its two fresh tile-sized temporaries per call (allocation and page faults made the bfloat16 accumulator
-    several times slower than the float32 one on the CPU).
-    """
-    target = region if staging is None else staging.copy_(region)
+    once to the region's; through ``staging`` (:meth:`StagedUpdate.for_op` of the accumulator and ``values``), which on
+    the CPU spares a bfloat16 accumulator the in-place op's two fresh tile-sized temporaries per call (allocation
+    and page faults made it several times slower than the float32 one)."""
     if weight_map is None:
-        target.add_(values)
+        staging.update(region, lambda target: target.add_(values))
     else:
-        target.addcmul_(values, weight_map)
-    if staging is not None:
-        region.copy_(staging)
+        staging.update(region, lambda target: target.addcmul_(values, weight_map))
 
 
 def _importance_sum(
@@ -276,7 +258,7 @@ def _importance_sum(
             total[(slice(None), *tile)] += 1.0
         return total
     weights = weight_map[None]
-    staging = _staging(dtype, weights)
+    staging = StagedUpdate.for_op(dtype, weights)
     for tile in tiles:
         _add_into(total[(slice(None), *tile)], weights, None, staging)
     return total
@@ -311,7 +293,7 @@ def _predict_on(
             if accumulator is None:
                 shape = (prediction.shape[1], *padded_size)
                 accumulator = torch.zeros(shape, dtype=accumulate_dtype, device=result_device)
-                staging = _staging(accumulate_dtype, prediction[0])
+                staging = StagedUpdate.for_op(accumulate_dtype, prediction[0])
             for tile, tile_prediction in zip(batch_tiles, prediction):
                 _add_into(accumulator[(slice(None), *tile)], tile_prediction, weight_map, staging)
             del batch, prediction, tile_prediction  # freed before the next batch is built

@@ -9,11 +9,13 @@ mean halves the memory when it does not.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from gcinfer.engine.staged_update import StagedUpdate
 from gcinfer.io import Geometry
 
 if TYPE_CHECKING:
@@ -34,8 +36,9 @@ def accumulate(accumulator: torch.Tensor, channel: torch.Tensor, configurations:
 
     Both add operands of different dtypes, which the CPU computes on full-size float32 copies of the operands (fresh
     ``(z, y, x)`` temporaries per call: allocation and page faults cost more than the sum); on a CPU accumulator the
-    sum goes :data:`ACCUMULATE_SLICES` slices at a time through two reused float32 buffers instead (the same kernel
-    in the same dtype, rounded the same way), the channel copied slab by slab from wherever it is.
+    sum goes :data:`ACCUMULATE_SLICES` slices at a time, the channel copied slab by slab from wherever it is into a
+    reused float32 buffer, a float16 accumulator's slab through another
+    (:class:`~gcinfer.engine.staged_update.StagedUpdate`: the same kernel in the same dtype, rounded the same way).
 
     Args:
         accumulator: ``(z, y, x)`` float32 or float16, one class of the ensemble accumulator.
@@ -45,14 +48,12 @@ def accumulate(accumulator: torch.Tensor, channel: torch.Tensor, configurations:
     if accumulator.device.type != "cpu":
         _add_channel(accumulator, channel.to(accumulator.device), configurations, sums)
         return
-    slab = (min(ACCUMULATE_SLICES, len(accumulator)), *accumulator.shape[1:])
-    staging, addend = torch.empty(slab), torch.empty(slab)
+    addend = torch.empty((min(ACCUMULATE_SLICES, len(accumulator)), *accumulator.shape[1:]))
+    staging = StagedUpdate.for_op(accumulator.dtype, addend)
     for start in range(0, len(accumulator), ACCUMULATE_SLICES):
         part = accumulator[start : start + ACCUMULATE_SLICES]
-        total = part if sums else staging[: len(part)].copy_(part)
-        _add_channel(total, addend[: len(part)].copy_(channel[start : start + ACCUMULATE_SLICES]), configurations, sums)
-        if total is not part:
-            part.copy_(total)
+        values = addend[: len(part)].copy_(channel[start : start + ACCUMULATE_SLICES])
+        staging.update(part, functools.partial(_add_channel, channel=values, configurations=configurations, sums=sums))
 
 
 def _add_channel(total: torch.Tensor, channel: torch.Tensor, configurations: int, sums: bool) -> None:
