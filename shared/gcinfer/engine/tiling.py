@@ -234,10 +234,10 @@ def _predict_batch(
 def _add_into(
     region: torch.Tensor, values: torch.Tensor, weight_map: torch.Tensor | None, staging: StagedUpdate
 ) -> None:
-    """``region += values * weight_map`` (``+= values`` without a map), computed in ``values``' dtype and rounded
-    once to the region's; through ``staging`` (:meth:`StagedUpdate.for_op` of the accumulator and ``values``), which on
-    the CPU spares a bfloat16 accumulator the in-place op's two fresh tile-sized temporaries per call (allocation
-    and page faults made it several times slower than the float32 one)."""
+    """``region += values * weight_map`` (``+= values`` without a map), computed in the two dtypes' promoted dtype
+    and rounded once to the region's; through ``staging`` (:meth:`StagedUpdate.for_op` of the accumulator and
+    ``values``), which on the CPU spares a bfloat16 accumulator the in-place op's two fresh tile-sized temporaries
+    per call (allocation and page faults made it several times slower than the float32 one)."""
     if weight_map is None:
         staging.update(region, lambda target: target.add_(values))
     else:

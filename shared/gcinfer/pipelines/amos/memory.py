@@ -58,8 +58,8 @@ padded image: an upper bound now that CT configurations skip the mask and the pr
 NNUNET_PREPROCESS_SEPARATE_Z_PER_VOXEL = ((42, 10), (16, 76))
 """The same with separate-z resampling, whose ``map_coordinates`` step builds int64 and float64 grids of Nt."""
 NNUNET_PREPROCESS_FIXED = 32 * 2**20
-"""Bytes ``Configuration.preprocess`` needs whatever the size (library buffers, the vectorised interpolation's ~4 MB
-per thread; matters only for small images)."""
+"""Bytes ``Configuration.preprocess`` needs whatever the size (library buffers, and the vectorised interpolation's
+per thread, sized from its ``BLOCK_BYTES``: ~4 MB for 580-voxel rows; matters only for small images)."""
 NNUNET_SEPARATE_Z_THRESHOLD = 3.0
 """nnU-Net v1's ``RESAMPLING_SEPARATE_Z_ANISO_THRESHOLD``: max/min spacing above which z is resampled apart."""
 NNUNET_NO_SEPARATE_Z = ("Preprocessor3DBetterResampling",)

@@ -165,7 +165,8 @@ class _Buffers:
     def __init__(self, zoom: SplineZoom) -> None:
         columns, width = zoom.coefficients.shape[-1], len(zoom.axes[-1].first)
         self.columns, self.width, self.taps = columns, width, zoom.taps
-        self.span = np.empty((zoom.row_span, columns))
+        self.span = np.empty((zoom.row_span, columns)) if zoom.coefficients.ndim == 3 else None
+        """3D: the input rows of a block times a plane tap's weight."""
         self._picked = np.empty(zoom.block_rows * columns)
         self._flipped = np.empty(zoom.block_rows * columns)
         self._terms = np.empty(zoom.block_rows * zoom.taps * width)
